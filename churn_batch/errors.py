@@ -1,0 +1,99 @@
+"""The failures a user can act on, one class each, mapped 1:1 to the CLI's exit codes.
+
+The library raises these; only the CLI turns them into a message and an exit code.
+Anything else that escapes is a bug and exits 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ChurnBatchError(Exception):
+    """Base class of every expected failure; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(ChurnBatchError):
+    """The config file, an option or an argument is wrong (exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: object = None, key: str | None = None) -> None:
+        self.path = path
+        self.key = key
+        prefix = "".join(f"{part}: " for part in (path, key) if part)
+        super().__init__(f"{prefix}{message}")
+
+
+class NoSnapshotRows(ChurnBatchError):
+    """The source has no rows for the requested snapshot date (exit 3)."""
+
+    exit_code = 3
+
+    def __init__(self, snapshot_date: object, source: str) -> None:
+        self.snapshot_date = snapshot_date
+        self.source = source
+        super().__init__(f"no snapshot rows for {snapshot_date} in {source}")
+
+
+class ContractViolation(ChurnBatchError):
+    """The snapshot breaks the data contract: missing columns or too many invalid rows (exit 4)."""
+
+    exit_code = 4
+
+
+class MissingColumns(ContractViolation):
+    """Required columns are absent from the snapshot."""
+
+    def __init__(self, missing: Sequence[str], available: Sequence[str]) -> None:
+        self.missing = list(missing)
+        self.available = list(available)
+        super().__init__(
+            "snapshot is missing required column(s): "
+            + ", ".join(self.missing)
+            + " (found: "
+            + ", ".join(self.available)
+            + ")"
+        )
+
+
+class TooManyInvalidRows(ContractViolation):
+    """The share of rejected rows exceeds `max_invalid_fraction`."""
+
+    def __init__(self, rejected: int, total: int, limit: float, reasons: dict[str, int]) -> None:
+        self.rejected = rejected
+        self.total = total
+        self.limit = limit
+        self.reasons = dict(reasons)
+        share = rejected / total if total else 1.0
+        top = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
+        super().__init__(
+            f"{rejected} of {total} rows rejected ({share:.1%}), more than "
+            f"max_invalid_fraction {limit:.1%} ({top})"
+        )
+
+
+class DriftBlocked(ChurnBatchError):
+    """Drift beyond the block threshold; nothing was published (exit 5)."""
+
+    exit_code = 5
+
+
+class ModelError(ChurnBatchError):
+    """The model is missing, tampered with or incompatible with this environment (exit 6)."""
+
+    exit_code = 6
+
+
+class StorageUnavailable(ChurnBatchError):
+    """A database or storage location could not be reached after retries (exit 7)."""
+
+    exit_code = 7
+
+
+class RunLocked(ChurnBatchError):
+    """Another run holds the lock for this snapshot date (exit 8)."""
+
+    exit_code = 8
