@@ -1,0 +1,296 @@
+"""The data contract: split a batch of snapshot rows into typed valid rows and rejected rows.
+
+Pure functions over Arrow data; no I/O. Whatever the source stored (text or numbers,
+DATE or ISO text, dictionary-encoded or plain strings), the valid rows come out with
+one fixed type per column:
+
+- id column: string; date column: date32
+- numeric features: float64, null where the value was missing or unparseable
+- categorical features: string, stripped, null where missing or blank
+- label (when asked for): int8 1/0 (null where the snapshot has no outcome yet)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from churn_batch.config import ContractConfig
+from churn_batch.errors import MissingColumns, TooManyInvalidRows
+
+LABEL = "__label__"  # name of the label column in checked batches, whatever the source calls it
+
+REJECTED_SCHEMA = pa.schema(
+    [("customer_id", pa.string()), ("reason", pa.string()), ("raw", pa.string())]
+)
+
+MISSING_ID = "missing customer id"
+DUPLICATE_ID = "duplicate customer id within the snapshot date"
+INVALID_DATE = "snapshot date is not a valid date"
+
+# A plain decimal number, as real exports write them; anything else (" ", "abc",
+# "1,234", "nan", "inf") is a value we cannot trust and becomes null.
+_NUMBER = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    """The outcome of checking one batch against the contract."""
+
+    valid: pa.Table
+    rejected: pa.Table
+    # Per numeric feature: values present in the input but unparseable, NaN or infinite.
+    invalid_numbers: Mapping[str, int] = field(default_factory=dict)
+    # Per categorical feature: values not among the levels the model was trained on.
+    unseen_levels: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_in(self) -> int:
+        return int(self.valid.num_rows + self.rejected.num_rows)
+
+
+def require_columns(available: Iterable[str], contract: ContractConfig, *, label: bool) -> None:
+    """Raise `MissingColumns` (exit 4) unless every column the contract needs is present."""
+    names = list(available)
+    needed = list(contract.required_columns)
+    if label and contract.label_column:
+        needed.append(contract.label_column)
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise MissingColumns(missing, names)
+
+
+def check_batch(
+    batch: pa.RecordBatch | pa.Table,
+    contract: ContractConfig,
+    *,
+    duplicate_ids: pa.Array | None = None,
+    known_levels: Mapping[str, Collection[str]] | None = None,
+    label: bool = False,
+) -> CheckedBatch:
+    """Split `batch` into valid rows (typed as the model expects) and rejected rows.
+
+    `duplicate_ids` are ids seen more than once in the whole snapshot date (a streaming
+    caller finds them up front); without it, duplicates are looked for within `batch`.
+    Every copy of a duplicated id is rejected: we cannot know which copy is right.
+    """
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    require_columns(table.column_names, contract, label=label)
+
+    ids = as_strings(table[contract.id_column])
+    dates, date_ok = as_dates(table[contract.date_column])
+    missing_id = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)
+    if duplicate_ids is None:
+        duplicate_ids = _repeated(ids)
+    duplicated = pc.fill_null(pc.is_in(ids, value_set=duplicate_ids.cast(pa.string())), False)
+    bad_date = pc.invert(date_ok)
+
+    reason = pc.if_else(
+        missing_id,
+        MISSING_ID,
+        pc.if_else(duplicated, DUPLICATE_ID, pc.if_else(bad_date, INVALID_DATE, None)),
+    )
+    keep = pc.is_null(reason)
+
+    columns: dict[str, pa.ChunkedArray | pa.Array] = {
+        contract.id_column: ids,
+        contract.date_column: dates,
+    }
+    invalid: dict[str, int] = {}
+    for name in contract.numeric:
+        values, n_invalid = _numbers(table[name])
+        columns[name] = values
+        invalid[name] = n_invalid
+    for name in contract.categorical:
+        columns[name] = as_strings(table[name])
+    if label:
+        assert contract.label_column is not None
+        columns[LABEL] = _label(table[contract.label_column], contract.positive_label)
+
+    typed = pa.table(columns)
+    valid = typed.filter(keep)
+    unseen = _unseen(valid, contract, known_levels) if known_levels is not None else {}
+    rejected = _rejected(table, ids, reason, pc.invert(keep))
+    return CheckedBatch(valid, rejected, invalid, unseen)
+
+
+def enforce_invalid_fraction(
+    rejected: int, total: int, contract: ContractConfig, reasons: Mapping[str, int]
+) -> None:
+    """Raise `TooManyInvalidRows` (exit 4) when rejected rows exceed the contract's limit."""
+    if total and rejected / total > contract.max_invalid_fraction:
+        raise TooManyInvalidRows(rejected, total, contract.max_invalid_fraction, dict(reasons))
+
+
+def reason_counts(rejected: pa.Table) -> Counter[str]:
+    counts = pc.value_counts(rejected["reason"]).to_pylist() if rejected.num_rows else []
+    return Counter({c["values"]: c["counts"] for c in counts})
+
+
+def features_frame(valid: pa.Table, contract: ContractConfig) -> pd.DataFrame:
+    """The feature columns as the scikit-learn pipelines take them.
+
+    Numeric as float64 with NaN; categorical as object arrays of str with NaN for
+    missing (one missing marker, so encoders see one "missing" level, not two).
+    """
+    data: dict[str, Any] = {}
+    for name in contract.numeric:
+        data[name] = pd.Series(valid[name].to_numpy(zero_copy_only=False), dtype=np.float64)
+    for name in contract.categorical:
+        values = valid[name].to_numpy(zero_copy_only=False).astype(object, copy=False)
+        values[pd.isna(values)] = np.nan
+        # object, not pandas' string dtype: what the encoders were fitted on, in any pandas
+        data[name] = pd.Series(values, dtype=object)
+    return pd.DataFrame(data, columns=list(contract.features))
+
+
+# -- column normalisers ------------------------------------------------------------
+
+
+def _combine(array: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(array, pa.ChunkedArray):
+        return array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+    return array
+
+
+def as_strings(array: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Any column as stripped strings; blank becomes null, 1.0 becomes "1"."""
+    array = _combine(array)
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array = array.cast(kind.value_type)
+        kind = array.type
+    if pa.types.is_null(kind):
+        return pa.nulls(len(array), pa.string())
+    if pa.types.is_floating(kind):
+        array = pc.if_else(pc.is_nan(array), None, array)
+        # 0/1 flags exported as floats must match the same flag stored as integers.
+        integral = pc.equal(pc.floor(array), array)
+        as_int = pc.if_else(integral, array, None).cast(pa.int64(), safe=False)
+        array = pc.if_else(integral, as_int.cast(pa.string()), array.cast(pa.string()))
+    elif pa.types.is_decimal(kind):
+        array = array.cast(pa.float64())
+        return as_strings(array)
+    elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        array = array.cast(pa.string())
+    array = pc.utf8_trim_whitespace(array.cast(pa.string()))
+    return pc.if_else(pc.equal(pc.utf8_length(array), 0), None, array)
+
+
+def _numbers(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, int]:
+    """Any column as float64; unparseable, NaN and infinite values become null and are counted."""
+    array = _combine(array)
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array = array.cast(kind.value_type)
+        kind = array.type
+    present = len(array) - array.null_count
+    if pa.types.is_null(kind):
+        return pa.nulls(len(array), pa.float64()), 0
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        text = pc.utf8_trim_whitespace(array.cast(pa.string()))
+        parsable = pc.match_substring_regex(text, _NUMBER)
+        values = pc.if_else(parsable, text, None).cast(pa.float64())
+    elif pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        values = array.cast(pa.float64())
+    elif pa.types.is_decimal(kind):
+        values = array.cast(pa.float64(), safe=False)
+    else:
+        values = pc.cast(as_strings(array), pa.string())
+        return _numbers(values)
+    finite = pc.is_finite(values)
+    values = pc.if_else(finite, values, None)
+    return values, present - (len(values) - values.null_count)
+
+
+def as_dates(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Any date-like column as date32, and a mask of rows whose date could be read."""
+    array = _combine(array)
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array = array.cast(kind.value_type)
+        kind = array.type
+    if pa.types.is_date32(kind):
+        values = array
+    elif pa.types.is_date(kind) or pa.types.is_timestamp(kind):
+        values = array.cast(pa.date32())
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        # ISO text, with or without a time part: the date is the first ten characters.
+        head = pc.utf8_slice_codeunits(pc.utf8_trim_whitespace(array.cast(pa.string())), 0, 10)
+        well_formed = pc.match_substring_regex(head, r"^\d{4}-\d{2}-\d{2}$")
+        parsed = pc.strptime(
+            pc.if_else(well_formed, head, None), "%Y-%m-%d", "s", error_is_null=True
+        )
+        values = parsed.cast(pa.date32())
+    else:
+        values = pa.nulls(len(array), pa.date32())
+    return values, pc.is_valid(values)
+
+
+def _label(array: pa.ChunkedArray | pa.Array, positive: str | int | float | bool) -> pa.Array:
+    """1 where the label equals `positive_label`, 0 where it is another value, null if absent."""
+    text = as_strings(array)
+    target = _canonical(positive)
+    return pc.if_else(pc.equal(text, target), 1, 0).cast(pa.int8())
+
+
+def _canonical(value: str | int | float | bool) -> str:
+    """The label value as `_strings` renders it, so `1`, `1.0` and `"1"` all match."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _repeated(ids: pa.Array) -> pa.Array:
+    counts = pc.value_counts(pc.drop_null(ids))
+    return counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+
+
+def _unseen(
+    valid: pa.Table, contract: ContractConfig, known: Mapping[str, Collection[str]]
+) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name in contract.categorical:
+        if name not in known:
+            continue
+        levels = pa.array(sorted(known[name]), pa.string())
+        column = valid[name]
+        seen = pc.is_in(column, value_set=levels)
+        out[name] = int(pc.sum(pc.and_(pc.is_valid(column), pc.invert(seen))).as_py() or 0)
+    return out
+
+
+def _rejected(table: pa.Table, ids: pa.Array, reason: pa.Array, mask: pa.Array) -> pa.Table:
+    if not pc.any(mask).as_py():
+        return REJECTED_SCHEMA.empty_table()
+    raw_rows = table.filter(mask).to_pylist()
+    return pa.table(
+        {
+            "customer_id": ids.filter(mask),
+            "reason": reason.filter(mask),
+            "raw": pa.array([json.dumps(row, default=_json_default) for row in raw_rows]),
+        },
+        schema=REJECTED_SCHEMA,
+    )
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, date | datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)

@@ -1,0 +1,345 @@
+"""Snapshot sources: stream Arrow record batches of bounded size for one snapshot date.
+
+Two kinds: SQL (a table or a query binding `:snapshot_date`, through SQLAlchemy) and
+Parquet (a file, a directory, or a hive-partitioned dataset). Values arrive as the
+store holds them; the contract types them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
+
+from churn_batch.config import ContractConfig, SourceConfig
+from churn_batch.contract import as_dates, as_strings
+from churn_batch.db import create_engine, describe_error, retrying
+from churn_batch.errors import ConfigError, MissingColumns, NoSnapshotRows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SnapshotSummary:
+    """What a cheap first pass over one date tells: its size and its repeated ids."""
+
+    rows: int
+    duplicate_ids: pa.Array  # string ids seen more than once on that date
+
+
+class SnapshotSource(Protocol):
+    def describe(self) -> str: ...
+
+    def summarize(self, snapshot_date: date) -> SnapshotSummary:
+        """Count the date's rows and find repeated ids; `NoSnapshotRows` if there are none."""
+        ...
+
+    def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
+        """The date's rows in batches of at most `batch_size` rows."""
+        ...
+
+    def read_range(
+        self, start: date | None, end: date | None, *, label: bool = True
+    ) -> Iterator[pa.RecordBatch]:
+        """All rows with start <= date <= end (open ends allowed), for training."""
+        ...
+
+    def dates(self) -> list[date]:
+        """The snapshot dates present, oldest first."""
+        ...
+
+
+def open_source(config: SourceConfig, contract: ContractConfig) -> SnapshotSource:
+    if config.kind == "parquet":
+        return ParquetSource(config, contract)
+    return SqlSource(config, contract)
+
+
+def _next_day(d: date) -> date:
+    return d + timedelta(days=1)
+
+
+def _ids_as_strings(values: pa.Array) -> pa.Array:
+
+    return pc.drop_null(as_strings(values))
+
+
+# -- SQL ---------------------------------------------------------------------------
+
+
+class SqlSource:
+    """A table (reflected, so the date filter matches its column type) or a query."""
+
+    def __init__(self, config: SourceConfig, contract: ContractConfig) -> None:
+        assert config.url is not None
+        self.config = config
+        self.contract = contract
+        self.engine = create_engine(config.url, must_exist=True)
+        self._table: sa.Table | None = None
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+    # The query or table, as a selectable with a date filter for [lo, hi).
+    def _selectable(self, lo: date | None, hi: date | None, columns: Sequence[str] | None) -> Any:
+        if self.config.query is not None:
+            if lo is None or hi is None or hi != _next_day(lo):
+                raise ConfigError(
+                    "a source 'query' selects one :snapshot_date; train on a source "
+                    "'table' to read a range of dates",
+                    key="source.query",
+                )
+            return sa.text(self.config.query).bindparams(
+                sa.bindparam("snapshot_date", lo, type_=sa.Date())
+            )
+        table = self._reflect()
+        names = list(columns) if columns is not None else [c.name for c in table.columns]
+        # Untyped column references: values come back raw (SQLite DATE text would
+        # otherwise be parsed by SQLAlchemy and fail on one odd value).
+        cols: list[sa.ColumnClause[Any]] = [sa.column(name) for name in names]
+        query = sa.select(*cols).select_from(sa.table(table.name, schema=table.schema))
+        date_col = table.columns[self.contract.date_column]
+        bound: sa.ColumnClause[Any] = sa.column(self.contract.date_column)
+        for value, op in ((lo, "ge"), (hi, "lt")):
+            if value is not None:
+                param = _date_param(date_col.type, value)
+                query = query.where(bound >= param if op == "ge" else bound < param)
+        return query
+
+    def _reflect(self) -> sa.Table:
+        if self._table is None:
+            assert self.config.table is not None
+            schema, _, name = self.config.table.rpartition(".")
+
+            def reflect() -> sa.Table:
+                with self.engine.connect() as conn:
+                    return sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=conn)
+
+            try:
+                self._table = retrying(reflect, self.describe())
+            except NoSuchTableError:
+                raise ConfigError(
+                    f"source table {self.config.table!r} does not exist ({self.describe()})",
+                    key="source.table",
+                ) from None
+            present = [c.name for c in self._table.columns]
+            if self.contract.date_column not in present:
+                raise MissingColumns([self.contract.date_column], present)
+        return self._table
+
+    def _needed_columns(self, label: bool) -> list[str] | None:
+        if self.config.query is not None:
+            return None
+        present = [c.name for c in self._reflect().columns]
+        needed = list(self.contract.required_columns)
+        if label and self.contract.label_column:
+            needed.append(self.contract.label_column)
+        missing = [c for c in needed if c not in present]
+        if missing:
+            raise MissingColumns(missing, present)
+        return needed
+
+    def summarize(self, snapshot_date: date) -> SnapshotSummary:
+        inner = self._selectable(snapshot_date, _next_day(snapshot_date), None)
+        if isinstance(inner, sa.TextClause):
+            sub = inner.columns(sa.column(self.contract.id_column)).subquery("snapshot")
+        else:
+            sub = inner.subquery("snapshot")
+        id_col = sub.c[self.contract.id_column]
+        count_q = sa.select(sa.func.count()).select_from(sub)
+        dup_q = sa.select(id_col).group_by(id_col).having(sa.func.count() > 1)
+
+        def run() -> tuple[int, list[Any]]:
+            with self.engine.connect() as conn:
+                n = int(conn.execute(count_q).scalar_one())
+                dups = [row[0] for row in conn.execute(dup_q)] if n else []
+                return n, dups
+
+        rows, dups = self._run(run)
+        if rows == 0:
+            raise NoSnapshotRows(snapshot_date, self.describe())
+        return SnapshotSummary(rows, _ids_as_strings(_to_array(dups)))
+
+    def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
+        query = self._selectable(
+            snapshot_date, _next_day(snapshot_date), self._needed_columns(False)
+        )
+        return self._stream(query)
+
+    def read_range(
+        self, start: date | None, end: date | None, *, label: bool = True
+    ) -> Iterator[pa.RecordBatch]:
+        if self.config.query is not None and start is not None and start == end:
+            return self.read(start)
+        hi = _next_day(end) if end is not None else None
+        return self._stream(self._selectable(start, hi, self._needed_columns(label)))
+
+    def dates(self) -> list[date]:
+        if self.config.query is not None:
+            raise ConfigError(
+                "a source 'query' cannot list its dates; give --date", key="source.query"
+            )
+        table = self._reflect()
+        col: sa.ColumnClause[Any] = sa.column(self.contract.date_column)
+        query = sa.select(col).distinct().select_from(sa.table(table.name, schema=table.schema))
+
+        def run() -> list[Any]:
+            with self.engine.connect() as conn:
+                return [row[0] for row in conn.execute(query)]
+
+
+        values, ok = as_dates(_to_array(self._run(run)))
+        return sorted(set(values.filter(ok).to_pylist()))
+
+    def _run(self, action: Any) -> Any:
+        try:
+            return retrying(action, self.describe())
+        except DBAPIError as exc:
+            raise ConfigError(f"query on {self.describe()} failed: {describe_error(exc)}") from None
+
+    def _stream(self, query: Any) -> Iterator[pa.RecordBatch]:
+        size = self.config.batch_size
+
+        def open_result() -> tuple[sa.Connection, sa.CursorResult[Any]]:
+            conn = self.engine.connect().execution_options(stream_results=True, yield_per=size)
+            try:
+                return conn, conn.execute(query)
+            except BaseException:
+                conn.close()
+                raise
+
+        conn, result = self._run(open_result)
+        try:
+            names = list(result.keys())
+            for rows in result.partitions(size):
+                if rows:
+                    yield _rows_to_batch(names, rows)
+        finally:
+            result.close()
+            conn.close()
+
+
+def _date_param(column_type: sa.types.TypeEngine[Any], value: date) -> Any:
+    """A bound parameter typed like the column, so DATE, TIMESTAMP and ISO text all compare."""
+    if isinstance(column_type, sa.DateTime):
+        return sa.bindparam(None, datetime.combine(value, time()), type_=sa.DateTime())
+    if isinstance(column_type, sa.Date):
+        return sa.bindparam(None, value, type_=sa.Date())
+    return sa.bindparam(None, value.isoformat(), type_=sa.String())
+
+
+def _to_array(values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        # SQLite lets one column hold text in one row and a number in the next.
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+
+
+def _rows_to_batch(names: list[str], rows: Sequence[Any]) -> pa.RecordBatch:
+    columns = list(zip(*rows, strict=True))
+    return pa.RecordBatch.from_arrays([_to_array(list(c)) for c in columns], names=names)
+
+
+# -- Parquet -----------------------------------------------------------------------
+
+
+class ParquetSource:
+    """A file, a directory of files, or hive-partitioned `snapshot_date=YYYY-MM-DD/`."""
+
+    def __init__(self, config: SourceConfig, contract: ContractConfig) -> None:
+        assert config.path is not None
+        self.config = config
+        self.contract = contract
+        self.path = Path(config.path)
+        self._dataset: ds.Dataset | None = None
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+    @property
+    def dataset(self) -> ds.Dataset:
+        if self._dataset is None:
+            if not self.path.exists():
+                raise ConfigError(f"Parquet source {self.path} does not exist", key="source.path")
+            try:
+                self._dataset = ds.dataset(
+                    self.path, format="parquet", partitioning="hive", exclude_invalid_files=True
+                )
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ConfigError(f"cannot read Parquet source {self.path}: {exc}") from None
+            present = self._dataset.schema.names
+            if self.contract.date_column not in present:
+                raise MissingColumns([self.contract.date_column], present)
+        return self._dataset
+
+    def _filter(self, lo: date | None, hi: date | None) -> ds.Expression | None:
+        kind = self.dataset.schema.field(self.contract.date_column).type
+        field = ds.field(self.contract.date_column)
+        expr: ds.Expression | None = None
+        for value, op in ((lo, "ge"), (hi, "lt")):
+            if value is None:
+                continue
+            if pa.types.is_timestamp(kind):
+                scalar = pa.scalar(datetime.combine(value, time()), kind)
+            elif pa.types.is_date(kind):
+                scalar = pa.scalar(value, kind)
+            else:
+                scalar = pa.scalar(value.isoformat(), pa.string())
+            part = field >= scalar if op == "ge" else field < scalar
+            expr = part if expr is None else expr & part
+        return expr
+
+    def _columns(self, label: bool) -> list[str]:
+        present = self.dataset.schema.names
+        needed = list(self.contract.required_columns)
+        if label and self.contract.label_column:
+            needed.append(self.contract.label_column)
+        missing = [c for c in needed if c not in present]
+        if missing:
+            raise MissingColumns(missing, present)
+        return needed
+
+    def summarize(self, snapshot_date: date) -> SnapshotSummary:
+        # Only the id column is read: a first pass costs a fraction of the real one.
+        ids = self._scan(self._filter(snapshot_date, _next_day(snapshot_date)),
+                         [self.contract.id_column]).to_table()[self.contract.id_column]  # fmt: skip
+        if len(ids) == 0:
+            raise NoSnapshotRows(snapshot_date, self.describe())
+        strings = _ids_as_strings(ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0))
+        counts = pc.value_counts(strings)
+        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        return SnapshotSummary(len(ids), repeated)
+
+    def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
+        expr = self._filter(snapshot_date, _next_day(snapshot_date))
+        return self._batches(expr, self._columns(False))
+
+    def read_range(
+        self, start: date | None, end: date | None, *, label: bool = True
+    ) -> Iterator[pa.RecordBatch]:
+        hi = _next_day(end) if end is not None else None
+        return self._batches(self._filter(start, hi), self._columns(label))
+
+    def dates(self) -> list[date]:
+
+        column = self._scan(None, [self.contract.date_column]).to_table()[self.contract.date_column]
+        values, ok = as_dates(column)
+        return sorted(set(pc.unique(values.filter(ok)).to_pylist()))
+
+    def _scan(self, expr: ds.Expression | None, columns: list[str]) -> ds.Scanner:
+        return self.dataset.scanner(columns=columns, filter=expr, batch_size=self.config.batch_size)
+
+    def _batches(self, expr: ds.Expression | None, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        for batch in self._scan(expr, columns).to_batches():
+            if batch.num_rows:
+                yield batch
