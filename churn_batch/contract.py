@@ -231,7 +231,9 @@ def as_dates(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
         parsed = pc.strptime(
             pc.if_else(well_formed, head, None), "%Y-%m-%d", "s", error_is_null=True
         )
-        values = parsed.cast(pa.date32())
+        # strptime rolls 2024-02-30 over into March; a real date formats back to itself.
+        exact = pc.equal(pc.strftime(parsed, "%Y-%m-%d"), head)
+        values = pc.if_else(exact, parsed, None).cast(pa.date32())
     else:
         values = pa.nulls(len(array), pa.date32())
     return values, pc.is_valid(values)
@@ -239,18 +241,23 @@ def as_dates(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
 
 def _label(array: pa.ChunkedArray | pa.Array, positive: str | int | float | bool) -> pa.Array:
     """1 where the label equals `positive_label`, 0 where it is another value, null if absent."""
-    text = as_strings(array)
-    target = _canonical(positive)
-    return pc.if_else(pc.equal(text, target), 1, 0).cast(pa.int8())
+    if isinstance(positive, int | float) and not isinstance(positive, bool):
+        # A numeric positive label compares as a number: "1", 1 and 1.0 all match 1.
+        values, _ = _numbers(array)
+        present = pc.is_valid(values)
+        hit = pc.equal(values, float(positive))
+    else:
+        text = as_strings(array)
+        present = pc.is_valid(text)
+        hit = pc.equal(text, _canonical(positive))
+    return pc.if_else(present, pc.if_else(hit, 1, 0), None).cast(pa.int8())
 
 
-def _canonical(value: str | int | float | bool) -> str:
-    """The label value as `_strings` renders it, so `1`, `1.0` and `"1"` all match."""
+def _canonical(value: str | bool) -> str:
+    """The label value as `as_strings` renders it (booleans as Arrow writes them)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+    return value.strip()
 
 
 def _repeated(ids: pa.Array) -> pa.Array:

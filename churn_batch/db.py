@@ -15,6 +15,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.pool import NullPool
 
 from churn_batch.config import redact_url, redact_urls_in
 from churn_batch.errors import ConfigError, StorageUnavailable
@@ -44,7 +45,9 @@ def create_engine(url: str, *, must_exist: bool = False) -> sa.Engine:
             raise ConfigError(f"SQLite database {path} does not exist")
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        # No pool: a batch job opens a handful of connections per run, and a pooled
+        # idle connection outliving its engine is a leak warning, not a speed-up.
+        return sa.create_engine(parsed, poolclass=NullPool)
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
         extra = _DRIVER_EXTRAS.get(backend)
         hint = f"; install it with: pip install 'churn-batch[{extra}]'" if extra else ""

@@ -196,7 +196,6 @@ class SqlSource:
             with self.engine.connect() as conn:
                 return [row[0] for row in conn.execute(query)]
 
-
         values, ok = as_dates(_to_array(self._run(run)))
         return sorted(set(values.filter(ok).to_pylist()))
 

@@ -1,0 +1,62 @@
+"""Shared fixtures: database URLs from the environment, temporary configs.
+
+Server tests read their URLs from CHURN_BATCH_TEST_POSTGRES_URL and
+CHURN_BATCH_TEST_MARIADB_URL and skip, saying why, when those are unset (a laptop);
+.ci/run sets both, so in CI they must run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+POSTGRES_ENV = "CHURN_BATCH_TEST_POSTGRES_URL"
+MARIADB_ENV = "CHURN_BATCH_TEST_MARIADB_URL"
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def server_url(env: str) -> str:
+    url = os.environ.get(env)
+    if not url:
+        pytest.skip(f"{env} is not set: no server to test against")
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    return server_url(POSTGRES_ENV)
+
+
+@pytest.fixture
+def mariadb_url() -> str:
+    return server_url(MARIADB_ENV)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mariadb", marks=pytest.mark.mariadb)])  # fmt: skip
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test runs once per database: SQLite always, the servers when configured."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return server_url(POSTGRES_ENV if request.param == "postgres" else MARIADB_ENV)
+
+
+@pytest.fixture
+def table_name(any_db_url: str) -> Iterator[str]:
+    """A table name no other test uses; dropped afterwards on the servers."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    yield name
+    engine = sa.create_engine(any_db_url)
+    with engine.begin() as conn:
+        sa.Table(name, sa.MetaData()).drop(conn, checkfirst=True)
+    engine.dispose()

@@ -1,0 +1,185 @@
+"""Every source layout, on SQLite, PostgreSQL and MariaDB for real, and on Parquet."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from churn_batch.config import ContractConfig, SourceConfig
+from churn_batch.contract import check_batch
+from churn_batch.errors import ConfigError, MissingColumns, NoSnapshotRows, StorageUnavailable
+from churn_batch.sources import open_source
+
+CONTRACT = ContractConfig(
+    id_column="customer_id",
+    date_column="snapshot_date",
+    numeric=("charges",),
+    categorical=("plan",),
+    label_column="churned",
+)
+D1, D2, D3 = date(2024, 5, 1), date(2024, 5, 2), date(2024, 5, 3)
+
+
+def rows() -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for day, n in ((D1, 7), (D2, 5), (D3, 3)):
+        out += [
+            {"customer_id": f"c{i}", "snapshot_date": day, "charges": i * 1.25,
+             "plan": "basic" if i % 2 else "plus", "churned": "Yes" if i == 1 else "No"}
+            for i in range(n)
+        ]  # fmt: skip
+    out.append(dict(out[0], charges=99.0))  # a duplicated id on D1
+    return out
+
+
+def fill(url: str, name: str, date_type: sa.types.TypeEngine[object]) -> None:
+    engine = sa.create_engine(url)
+    table = sa.Table(
+        name, sa.MetaData(),
+        sa.Column("customer_id", sa.String(20)), sa.Column("snapshot_date", date_type),
+        sa.Column("charges", sa.Numeric(10, 2)), sa.Column("plan", sa.String(10)),
+        sa.Column("churned", sa.String(5)), sa.Column("extra", sa.Integer),
+    )  # fmt: skip
+    data = rows()
+    for row in data:
+        day = row["snapshot_date"]
+        assert isinstance(day, date)
+        if isinstance(date_type, sa.String):
+            row["snapshot_date"] = day.isoformat()
+        elif isinstance(date_type, sa.DateTime):
+            row["snapshot_date"] = datetime.combine(day, datetime.min.time())
+    with engine.begin() as conn:
+        table.create(conn)
+        conn.execute(table.insert(), data)
+    engine.dispose()
+
+
+DATE_TYPES = [sa.Date(), sa.String(10), sa.DateTime()]
+
+
+@pytest.mark.parametrize("date_type", DATE_TYPES, ids=["DATE", "ISO-text", "TIMESTAMP"])
+def test_sql_table_streams_one_date(
+    any_db_url: str, table_name: str, date_type: sa.types.TypeEngine[object]
+) -> None:
+    fill(any_db_url, table_name, date_type)
+    config = SourceConfig(kind="sql", url=any_db_url, table=table_name, batch_size=3)
+    source = open_source(config, CONTRACT)
+    summary = source.summarize(D1)
+    assert summary.rows == 8
+    assert summary.duplicate_ids.to_pylist() == ["c0"]
+    batches = list(source.read(D1))
+    assert [b.num_rows for b in batches] == [3, 3, 2], "bounded batches"
+    checked = [check_batch(b, CONTRACT, duplicate_ids=summary.duplicate_ids) for b in batches]
+    valid = pa.concat_tables([c.valid for c in checked])
+    assert sorted(valid["customer_id"].to_pylist()) == [f"c{i}" for i in range(1, 7)]
+    assert set(valid["snapshot_date"].to_pylist()) == {D1}
+    assert sum(c.rejected.num_rows for c in checked) == 2
+    assert source.dates() == [D1, D2, D3]
+    assert sum(b.num_rows for b in source.read_range(D2, D3)) == 8
+    assert sum(b.num_rows for b in source.read_range(None, D1)) == 8
+    with pytest.raises(NoSnapshotRows) as info:
+        source.summarize(date(2024, 4, 30))
+    assert info.value.exit_code == 3
+    assert str(info.value).startswith(f"no snapshot rows for 2024-04-30 in table {table_name} at")
+
+
+def test_sql_query_binds_snapshot_date(any_db_url: str, table_name: str) -> None:
+    fill(any_db_url, table_name, sa.Date())
+    query = f"SELECT * FROM {table_name} WHERE snapshot_date = :snapshot_date AND charges < 5"
+    source = open_source(SourceConfig(kind="sql", url=any_db_url, query=query), CONTRACT)
+    summary = source.summarize(D2)
+    assert summary.rows == 4
+    assert summary.duplicate_ids.to_pylist() == []
+    ids = [i for b in source.read(D2) for i in b.column("customer_id").to_pylist()]
+    assert sorted(ids) == ["c0", "c1", "c2", "c3"]
+
+
+def test_missing_table_and_columns(any_db_url: str, table_name: str) -> None:
+    sa.create_engine(any_db_url, poolclass=NullPool).connect().close()  # a database, no table
+    with pytest.raises(ConfigError, match=f"source table '{table_name}' does not exist"):
+        open_source(SourceConfig(kind="sql", url=any_db_url, table=table_name), CONTRACT).read(D1)
+    fill(any_db_url, table_name, sa.Date())
+    wider = ContractConfig(**{**CONTRACT.__dict__, "categorical": ("plan", "region", "tier")})
+    source = open_source(SourceConfig(kind="sql", url=any_db_url, table=table_name), wider)
+    with pytest.raises(MissingColumns, match=r"missing required column\(s\): region, tier"):
+        source.read(D1)
+
+
+def test_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "absent.db"
+    with pytest.raises(ConfigError, match=r"SQLite database .*absent\.db does not exist"):
+        open_source(SourceConfig(kind="sql", url=f"sqlite:///{path}", table="t"), CONTRACT)
+    assert not path.exists()
+
+
+def test_unreachable_server_is_exit_7(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("churn_batch.db.RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr("churn_batch.sources.retrying.__defaults__", ((0.0,),))
+    url = "postgresql+psycopg://postgres:topsecret@127.0.0.1:1/test"
+    source = open_source(SourceConfig(kind="sql", url=url, table="t"), CONTRACT)
+    with pytest.raises(StorageUnavailable) as info:
+        source.summarize(D1)
+    assert info.value.exit_code == 7
+    assert "cannot reach table t at postgresql+psycopg://postgres:***@127.0.0.1:1/test" in str(
+        info.value
+    )
+    assert "topsecret" not in str(info.value)
+
+
+# -- Parquet -------------------------------------------------------------------------
+
+
+def arrow_rows() -> pa.Table:
+    return pa.Table.from_pylist(rows())
+
+
+def test_parquet_single_file(tmp_path: Path) -> None:
+    pq.write_table(arrow_rows(), tmp_path / "snap.parquet", row_group_size=4)
+    check_parquet(tmp_path / "snap.parquet")
+
+
+def test_parquet_directory_of_files(tmp_path: Path) -> None:
+    table = arrow_rows()
+    pq.write_table(table.slice(0, 9), tmp_path / "a.parquet")
+    pq.write_table(table.slice(9), tmp_path / "b.parquet")
+    check_parquet(tmp_path)
+
+
+def test_parquet_hive_partitions_prune_other_dates(tmp_path: Path) -> None:
+    table = arrow_rows()
+    for day in (D1, D2, D3):
+        part = tmp_path / f"snapshot_date={day.isoformat()}"
+        part.mkdir()
+        mask = pa.compute.equal(table["snapshot_date"], pa.scalar(day, pa.date32()))
+        pq.write_table(table.filter(mask).drop_columns(["snapshot_date"]), part / "0.parquet")
+    # A corrupt file in another date's partition proves that date is never opened.
+    (tmp_path / f"snapshot_date={D3.isoformat()}" / "0.parquet").write_bytes(b"PAR1garbage")
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path, batch_size=3), CONTRACT)
+    assert source.summarize(D2).rows == 5
+    assert sum(b.num_rows for b in source.read(D1)) == 8
+    with pytest.raises(NoSnapshotRows):
+        source.summarize(date(2024, 4, 30))
+
+
+def check_parquet(path: Path) -> None:
+    source = open_source(SourceConfig(kind="parquet", path=path, batch_size=3), CONTRACT)
+    summary = source.summarize(D1)
+    assert (summary.rows, summary.duplicate_ids.to_pylist()) == (8, ["c0"])
+    batches = list(source.read(D1))
+    assert all(b.num_rows <= 3 for b in batches)
+    assert sum(b.num_rows for b in batches) == 8
+    assert source.dates() == [D1, D2, D3]
+    with pytest.raises(NoSnapshotRows):
+        source.summarize(date(2024, 4, 30))
+
+
+def test_parquet_missing_path(tmp_path: Path) -> None:
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path / "nope"), CONTRACT)
+    with pytest.raises(ConfigError, match=r"Parquet source .*nope does not exist"):
+        source.summarize(D1)
