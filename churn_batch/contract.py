@@ -35,6 +35,8 @@ REJECTED_SCHEMA = pa.schema(
 )
 
 MISSING_ID = "missing customer id"
+BAD_ID = "customer id longer than 128 characters or containing control characters"
+ID_MAX_LENGTH = 128  # the predictions table's key column
 DUPLICATE_ID = "duplicate customer id within the snapshot date"
 INVALID_DATE = "snapshot date is not a valid date"
 
@@ -94,11 +96,22 @@ def check_batch(
         duplicate_ids = _repeated(ids)
     duplicated = pc.fill_null(pc.is_in(ids, value_set=duplicate_ids.cast(pa.string())), False)
     bad_date = pc.invert(date_ok)
+    bad_id = pc.fill_null(
+        pc.or_(
+            pc.greater(pc.utf8_length(ids), ID_MAX_LENGTH),
+            pc.match_substring_regex(ids, r"[\x00-\x1f\x7f]"),
+        ),
+        False,
+    )
 
     reason = pc.if_else(
         missing_id,
         MISSING_ID,
-        pc.if_else(duplicated, DUPLICATE_ID, pc.if_else(bad_date, INVALID_DATE, None)),
+        pc.if_else(
+            bad_id,
+            BAD_ID,
+            pc.if_else(duplicated, DUPLICATE_ID, pc.if_else(bad_date, INVALID_DATE, None)),
+        ),
     )
     keep = pc.is_null(reason)
 

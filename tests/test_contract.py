@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from churn_batch.config import ContractConfig
 from churn_batch.contract import (
+    BAD_ID,
     DUPLICATE_ID,
     INVALID_DATE,
     LABEL,
@@ -106,6 +107,12 @@ def test_null_or_empty_id_is_rejected_with_reason_and_raw_row() -> None:
     raw = json.loads(result.rejected["raw"][1].as_py())
     assert raw["cust"] == "  "
     assert raw["day"] == "2024-03-01"
+
+
+def test_ids_the_predictions_key_cannot_hold_are_rejected() -> None:
+    result = check_batch(table(cust=["a" * 129, "b\x00c", "a" * 128]), CONTRACT)
+    assert result.valid["cust"].to_pylist() == ["a" * 128]
+    assert result.rejected["reason"].to_pylist() == [BAD_ID, BAD_ID]
 
 
 def test_every_copy_of_a_duplicated_id_is_rejected() -> None:
