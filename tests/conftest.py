@@ -23,6 +23,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 def server_url(env: str) -> str:
     url = os.environ.get(env)
     if not url:
+        if os.environ.get("CHURN_BATCH_REQUIRE_SERVERS"):
+            pytest.fail(f"{env} is not set but CHURN_BATCH_REQUIRE_SERVERS is (CI)")
         pytest.skip(f"{env} is not set: no server to test against")
     return url
 
