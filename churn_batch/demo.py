@@ -55,3 +55,22 @@ def seed(config: Config, *, customers: int, days: int, last: date, seed: int = 0
     finally:
         engine.dispose()
     return Seeded(first, last, rows, source.describe())
+
+
+def campaign_query(config: Config) -> str:
+    """The campaign team's first query, as a shell line for the embedded SQLite default."""
+    table = config.sink.table
+    source_table = config.source.table or "customer_snapshots"
+    c = config.contract
+    sql = (
+        f"SELECT p.customer_id, ROUND(p.churn_probability, 3) AS churn_probability, "
+        f"s.monthly_charges FROM {table}_latest p "
+        f"JOIN {source_table} s ON s.{c.id_column} = p.customer_id "
+        f"AND s.{c.date_column} = p.snapshot_date "
+        f"WHERE p.risk_tier = 'high' AND s.contract = 'Month-to-month' "
+        f"ORDER BY p.churn_probability DESC LIMIT 20;"
+    )
+    url = config.sink.url
+    if url.startswith("sqlite:///"):
+        return f'sqlite3 {url.removeprefix("sqlite:///")} "{sql}"'
+    return sql

@@ -1,0 +1,231 @@
+"""One scoring run, as data flows: source → contract → model → sink, in one transaction.
+
+This is the only module that wires the pieces together. It owns the run's life: lock
+the date, record the run as `running`, stream the snapshot through the contract and
+the model into the publication transaction while the drift monitor counts, then
+either commit (`succeeded`) or roll back (`failed` / `blocked`) and say why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pyarrow as pa
+from sqlalchemy.exc import SQLAlchemyError
+
+from churn_batch.config import Config
+from churn_batch.contract import check_batch, enforce_invalid_fraction, reason_counts
+from churn_batch.errors import ChurnBatchError, DriftBlocked
+from churn_batch.monitoring import DriftMonitor, Level, gate
+from churn_batch.registry import LoadedModel, Registry
+from churn_batch.scoring import BatchScorer
+from churn_batch.sinks import Sink
+from churn_batch.sources import open_source
+
+log = logging.getLogger(__name__)
+
+# Rejected rows of a run that is rolled back are kept for diagnosis, up to this many.
+REJECTED_SAMPLE = 10_000
+
+Progress = Callable[[int, int], None]  # (rows done, rows total)
+
+
+@dataclass
+class RunOutcome:
+    """What one run did; the CLI reports it and exits with `exit_code`."""
+
+    run_id: str
+    snapshot_date: date
+    status: str = "running"
+    exit_code: int = 0
+    model_version: str | None = None
+    rows_read: int = 0
+    rows_scored: int = 0
+    rows_rejected: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[tuple[str, str, float | None]] = field(default_factory=list)
+
+
+def load_model(config: Config, ref: str | None = None) -> LoadedModel:
+    return Registry(config.model.registry, config.model.name).load(
+        ref or config.model.alias, contract=config.contract
+    )
+
+
+def score_date(
+    config: Config,
+    snapshot_date: date,
+    *,
+    model_ref: str | None = None,
+    allow_drift: bool = False,
+    progress: Progress | None = None,
+) -> RunOutcome:
+    """Score one snapshot date and publish it, or leave the previous predictions as they were.
+
+    Raises the `ChurnBatchError` that ended the run (after recording it); returns the
+    outcome of a published run.
+    """
+    outcome = RunOutcome(run_id=str(uuid.uuid4()), snapshot_date=snapshot_date)
+    started = time.monotonic()
+    with Sink(config.sink) as sink:
+        sink.prepare()
+        _run_locked(config, sink, outcome, model_ref, allow_drift, progress)
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def _run_locked(
+    config: Config,
+    sink: Sink,
+    outcome: RunOutcome,
+    model_ref: str | None,
+    allow_drift: bool,
+    progress: Progress | None,
+) -> None:
+    snapshot_date = outcome.snapshot_date
+    started = time.monotonic()
+    with sink.lock(snapshot_date):
+        abandoned = sink.begin_run(outcome.run_id, snapshot_date, _now(), None)
+        if abandoned:
+            log.warning("marked %d earlier run(s) for %s as abandoned", abandoned, snapshot_date)
+        rejected_sample: list[pa.Table] = []
+        try:
+            _publish(config, outcome, sink, model_ref, allow_drift, progress, rejected_sample)
+        except BaseException as exc:
+            outcome.seconds = time.monotonic() - started
+            _record_failure(config, sink, outcome, exc, rejected_sample)
+            raise
+
+
+def _publish(
+    config: Config,
+    outcome: RunOutcome,
+    sink: Sink,
+    model_ref: str | None,
+    allow_drift: bool,
+    progress: Progress | None,
+    rejected_sample: list[pa.Table],
+) -> None:
+    contract = config.contract
+    model = load_model(config, model_ref)
+    outcome.model_version = model.version
+    source = open_source(config.source, contract)
+    summary = source.summarize(outcome.snapshot_date)
+    log.info(
+        "scoring %s: %d rows from %s with model %s",
+        outcome.snapshot_date, summary.rows, source.describe(), model.version,
+    )  # fmt: skip
+    monitor = DriftMonitor(model.card.get("reference", {}))
+    scorer = BatchScorer(model, contract)
+    reasons: dict[str, int] = {}
+    invalid_numbers: dict[str, int] = {}
+    sampled = 0
+    scored_at = _now()
+    with sink.publication(outcome.snapshot_date, outcome.run_id, model.version, scored_at) as pub:
+        for batch in source.read(outcome.snapshot_date):
+            checked = check_batch(
+                batch, contract, duplicate_ids=summary.duplicate_ids,
+                known_levels=monitor.known_levels,
+            )  # fmt: skip
+            predictions = scorer.score(checked.valid)
+            monitor.observe(
+                checked.valid,
+                predictions["churn_probability"].to_numpy(),
+                predictions["risk_tier"].combine_chunks(),
+            )
+            pub.write_predictions(predictions)
+            if checked.rejected.num_rows:
+                pub.write_rejected(checked.rejected)
+                if sampled < REJECTED_SAMPLE:
+                    rejected_sample.append(checked.rejected.slice(0, REJECTED_SAMPLE - sampled))
+                    sampled += rejected_sample[-1].num_rows
+                for reason, n in reason_counts(checked.rejected).items():
+                    reasons[reason] = reasons.get(reason, 0) + n
+            for name, n in checked.invalid_numbers.items():
+                invalid_numbers[name] = invalid_numbers.get(name, 0) + n
+            outcome.rows_read += checked.rows_in
+            outcome.rows_scored += predictions.num_rows
+            outcome.rows_rejected += checked.rejected.num_rows
+            if progress:
+                progress(outcome.rows_read, summary.rows)
+
+        outcome.summary = {
+            "rejected_reasons": reasons,
+            "invalid_numbers": {k: v for k, v in invalid_numbers.items() if v},
+        }
+        enforce_invalid_fraction(outcome.rows_rejected, outcome.rows_read, contract, reasons)
+        report = monitor.report()
+        outcome.summary.update(report.summary())
+        outcome.metrics = report.metric_rows()
+        decision = gate(report, config.monitoring)
+        outcome.summary["gate"] = {"level": decision.level.value, "findings": decision.findings}
+        if decision.level is Level.block and not allow_drift:
+            raise DriftBlocked(
+                f"drift gate blocked publication of {outcome.snapshot_date}: "
+                f"{decision.message()} (rerun with --allow-drift to publish anyway)"
+            )
+        if decision.level is Level.block:
+            outcome.summary["allow_drift"] = True
+            outcome.warnings.append(
+                f"published despite drift (--allow-drift): {decision.message()}"
+            )
+        elif decision.level is Level.warn:
+            outcome.warnings.append(f"drift warning: {decision.message()}")
+        for warning in outcome.warnings:
+            log.warning("%s", warning)
+        pub.write_metrics(outcome.metrics)
+        outcome.status = "succeeded"
+        pub.finish_run(
+            outcome.run_id, "succeeded",
+            rows_read=outcome.rows_read, rows_scored=outcome.rows_scored,
+            rows_rejected=outcome.rows_rejected, error=None, summary=outcome.summary,
+            model_version=model.version,
+        )  # fmt: skip
+    log.info(
+        "published %d predictions for %s (%d rejected)",
+        outcome.rows_scored, outcome.snapshot_date, outcome.rows_rejected,
+    )  # fmt: skip
+
+
+def _record_failure(
+    config: Config,
+    sink: Sink,
+    outcome: RunOutcome,
+    exc: BaseException,
+    rejected_sample: list[pa.Table],
+) -> None:
+    """After the rollback: mark the run failed or blocked, keep what explains it."""
+    blocked = isinstance(exc, DriftBlocked)
+    outcome.status = "blocked" if blocked else "failed"
+    outcome.exit_code = exc.exit_code if isinstance(exc, ChurnBatchError) else 1
+    message = str(exc) if isinstance(exc, ChurnBatchError) else f"{type(exc).__name__}: {exc}"
+    outcome.error = config.redact(message)
+    try:
+        sink.finish_run(
+            outcome.run_id, outcome.status,
+            rows_read=outcome.rows_read, rows_scored=outcome.rows_scored if blocked else 0,
+            rows_rejected=outcome.rows_rejected, error=outcome.error,
+            summary=outcome.summary or None, model_version=outcome.model_version,
+        )  # fmt: skip
+        if outcome.metrics:  # a blocked run keeps the drift that blocked it
+            sink.write_metrics(outcome.run_id, outcome.snapshot_date, outcome.metrics)
+        if rejected_sample:
+            sink.write_rejected(
+                outcome.run_id, outcome.snapshot_date, pa.concat_tables(rejected_sample)
+            )
+    except (ChurnBatchError, LookupError, ValueError, SQLAlchemyError) as record_error:
+        # The run already failed; failing to record it must not hide the first error.
+        log.error("could not record the failed run %s: %s", outcome.run_id, record_error)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
