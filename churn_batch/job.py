@@ -23,6 +23,7 @@ from churn_batch.config import Config
 from churn_batch.contract import check_batch, enforce_invalid_fraction, reason_counts
 from churn_batch.errors import ChurnBatchError, DriftBlocked
 from churn_batch.monitoring import DriftMonitor, Level, gate
+from churn_batch.prefetch import prefetch
 from churn_batch.registry import LoadedModel, Registry
 from churn_batch.scoring import BatchScorer
 from churn_batch.sinks import Sink
@@ -131,7 +132,7 @@ def _publish(
     sampled = 0
     scored_at = _now()
     with sink.publication(outcome.snapshot_date, outcome.run_id, model.version, scored_at) as pub:
-        for batch in source.read(outcome.snapshot_date):
+        for batch in prefetch(source.read(outcome.snapshot_date)):
             checked = check_batch(
                 batch, contract, duplicate_ids=summary.duplicate_ids,
                 known_levels=monitor.known_levels,
