@@ -54,8 +54,9 @@ def create_engine(url: str, *, must_exist: bool = False) -> sa.Engine:
         raise ConfigError(f"no database driver for {redact_url(url)!r} ({exc}){hint}") from None
 
 
-def retrying(action: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+def retrying(action: Callable[[], T], what: str, delays: tuple[float, ...] | None = None) -> T:
     """Run `action`, retrying connection failures; give up with `StorageUnavailable`."""
+    delays = RETRY_DELAYS if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return action()

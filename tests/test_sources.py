@@ -120,7 +120,6 @@ def test_missing_sqlite_file_is_not_created(tmp_path: Path) -> None:
 
 def test_unreachable_server_is_exit_7(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("churn_batch.db.RETRY_DELAYS", (0.0,))
-    monkeypatch.setattr("churn_batch.sources.retrying.__defaults__", ((0.0,),))
     url = "postgresql+psycopg://postgres:topsecret@127.0.0.1:1/test"
     source = open_source(SourceConfig(kind="sql", url=url, table="t"), CONTRACT)
     with pytest.raises(StorageUnavailable) as info:

@@ -1,0 +1,5 @@
+"""`python -m churn_batch` runs the CLI."""
+
+from churn_batch.cli import main
+
+main()
