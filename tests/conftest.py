@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from churn_batch.config import Config
+
 POSTGRES_ENV = "CHURN_BATCH_TEST_POSTGRES_URL"
 MARIADB_ENV = "CHURN_BATCH_TEST_MARIADB_URL"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -62,3 +64,19 @@ def table_name(any_db_url: str) -> Iterator[str]:
     with engine.begin() as conn:
         sa.Table(name, sa.MetaData()).drop(conn, checkfirst=True)
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite project with snapshots and a trained champion, built once per session."""
+    from .scoring_fixtures import build_project
+
+    return build_project(tmp_path_factory.mktemp("template"))
+
+
+@pytest.fixture
+def project(template: Path, tmp_path: Path) -> Config:
+    """A private copy of the template project."""
+    from .scoring_fixtures import copy_project
+
+    return copy_project(template, tmp_path / "project")

@@ -29,7 +29,6 @@ from .scoring_fixtures import (
     CUSTOMERS,
     FIRST,
     LAST,
-    build_project,
     copy_project,
     predictions,
     run_cli,
@@ -37,16 +36,6 @@ from .scoring_fixtures import (
 )
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_project(tmp_path_factory.mktemp("template"))
-
-
-@pytest.fixture
-def project(template: Path, tmp_path: Path) -> Config:
-    return copy_project(template, tmp_path / "project")
 
 
 def score(config: Config, *args: str) -> tuple[int, str]:
