@@ -1,0 +1,137 @@
+"""The whole job on PostgreSQL and MariaDB for real: publish, exactness, re-run, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from churn_batch import synthetic
+from churn_batch.config import Config, load_config
+from churn_batch.contract import check_batch, features_frame
+from churn_batch.registry import Registry
+from churn_batch.sinks import Sink
+from churn_batch.sources import open_source
+
+from .conftest import MARIADB_ENV, POSTGRES_ENV, server_url
+from .scoring_fixtures import FIRST, LAST, run_cli, write_config
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mariadb", marks=pytest.mark.mariadb)])  # fmt: skip
+def namespace_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A URL into a fresh PostgreSQL schema or MariaDB database, dropped afterwards."""
+    base = server_url(POSTGRES_ENV if request.param == "postgres" else MARIADB_ENV)
+    name = f"cbj_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base, poolclass=NullPool)
+    url = sa.make_url(base)
+    if request.param == "postgres":
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
+        scoped = url.update_query_dict({"options": f"-csearch_path={name}"})
+    else:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        scoped = url.set(database=name)
+    yield scoped.render_as_string(hide_password=False)
+    with admin.begin() as conn:
+        kind = "SCHEMA" if request.param == "postgres" else "DATABASE"
+        cascade = " CASCADE" if request.param == "postgres" else ""
+        conn.execute(sa.text(f"DROP {kind} IF EXISTS {name}{cascade}"))
+    admin.dispose()
+
+
+def server_project(template: Path, root: Path, url: str, customers: int, batch: int) -> Config:
+    root.mkdir(parents=True)
+    shutil.copytree(template.parent / "models", root / "models")
+    path = write_config(root, source_url=url, batch_size=batch)
+    engine = sa.create_engine(url, poolclass=NullPool)
+    synthetic.write_sql(synthetic.generate_snapshots(customers, FIRST, 4, seed=3), engine)
+    engine.dispose()
+    return load_config(path)
+
+
+def published(config: Config, day: date) -> pa.Table:
+    with Sink(config.sink) as sink:
+        return sink.predictions(day)
+
+
+def test_score_publishes_exactly_and_reruns_idempotently(
+    template: Path, tmp_path: Path, namespace_url: str
+) -> None:
+    config = server_project(template, tmp_path / "p", namespace_url, 600, 97)
+    result = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
+    assert result.returncode == 0, result.stderr
+    first = published(config, LAST)
+
+    model = Registry(config.model.registry, config.model.name).load("champion")
+    batches = list(open_source(config.source, config.contract).read(LAST))
+    valid = check_batch(pa.Table.from_batches(batches), config.contract).valid
+    expected = dict(zip(valid["customer_id"].to_pylist(),
+                        model.predict_proba(features_frame(valid, config.contract)),
+                        strict=True))  # fmt: skip
+    got = dict(zip(first["customer_id"].to_pylist(), first["churn_probability"].to_pylist(),
+                   strict=True))  # fmt: skip
+    assert got.keys() == expected.keys()
+    assert max(abs(got[k] - expected[k]) for k in got) <= 1e-9
+
+    again = run_cli("--config", str(config.path), "score", "--date", FIRST.isoformat())
+    assert again.returncode == 0, again.stderr
+    rerun = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
+    assert rerun.returncode == 0, rerun.stderr
+    second = published(config, LAST)
+    assert second.num_rows == first.num_rows
+    assert second["customer_id"].to_pylist() == first["customer_id"].to_pylist()
+    assert np.array_equal(second["churn_probability"].to_numpy(),
+                          first["churn_probability"].to_numpy())  # fmt: skip
+    assert set(second["run_id"].to_pylist()).isdisjoint(first["run_id"].to_pylist())
+    with Sink(config.sink) as sink:
+        statuses = [r["status"] for r in sink.runs(limit=10)]
+        assert published(config, FIRST).num_rows > 500
+    assert statuses == ["succeeded"] * 3
+
+
+def test_sigkill_mid_write_leaves_previous_predictions(
+    template: Path, tmp_path: Path, namespace_url: str
+) -> None:
+    config = server_project(template, tmp_path / "p", namespace_url, 4000, 20)
+    write_config(config.path.parent, source_url=namespace_url, batch_size=10_000)
+    assert (
+        run_cli("--config", str(config.path), "score", "--date", LAST.isoformat()).returncode == 0
+    )
+    before = published(config, LAST)
+    write_config(config.path.parent, source_url=namespace_url, batch_size=20)
+    child = subprocess.Popen(
+        [str(Path(sys.executable).parent / "churn-batch"), "--config", str(config.path),
+         "score", "--date", LAST.isoformat()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    with Sink(config.sink) as sink:
+        while not any(r["status"] == "running" for r in sink.runs(limit=5)):
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+    time.sleep(1.0)
+    assert child.poll() is None, "still writing when killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    after = published(config, LAST)
+    assert after.equals(before), "previous predictions exactly as they were"
+    write_config(config.path.parent, source_url=namespace_url, batch_size=10_000)
+    result = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
+    assert result.returncode == 0, result.stderr
+    with Sink(config.sink) as sink:
+        assert [r["status"] for r in sink.runs(limit=5)].count("abandoned") == 1
