@@ -8,6 +8,7 @@ store holds them; the contract types them.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -90,7 +91,20 @@ class SqlSource:
         return self.config.describe()
 
     # The query or table, as a selectable with a date filter for [lo, hi).
-    def _selectable(self, lo: date | None, hi: date | None, columns: Sequence[str] | None) -> Any:
+    def _selectable(
+        self,
+        lo: date | None,
+        hi: date | None,
+        columns: Sequence[str] | None,
+        *,
+        via_settings: bool = False,
+    ) -> Any:
+        """The query or table as a selectable filtered to lo <= date < hi.
+
+        `via_settings` (PostgreSQL): the dates are read from session settings, set with
+        bound parameters just before, so the statement itself has no parameters and the
+        ADBC driver can stream it with COPY instead of buffering the whole result.
+        """
         if self.config.query is not None:
             if lo is None or hi is None or hi != _next_day(lo):
                 raise ConfigError(
@@ -98,6 +112,9 @@ class SqlSource:
                     "'table' to read a range of dates",
                     key="source.query",
                 )
+            if via_settings:
+                setting = f"CAST(current_setting('{_SETTING_PREFIX}lo') AS DATE)"
+                return sa.text(_BIND.sub(lambda _: setting, self.config.query))
             return sa.text(self.config.query).bindparams(
                 sa.bindparam("snapshot_date", lo, type_=sa.Date())
             )
@@ -109,10 +126,14 @@ class SqlSource:
         query = sa.select(*cols).select_from(sa.table(table.name, schema=table.schema))
         date_col = table.columns[self.contract.date_column]
         bound: sa.ColumnClause[Any] = sa.column(self.contract.date_column)
-        for value, op in ((lo, "ge"), (hi, "lt")):
+        for value, op in ((lo, "lo"), (hi, "hi")):
             if value is not None:
-                param = _date_param(date_col.type, value)
-                query = query.where(bound >= param if op == "ge" else bound < param)
+                param = (
+                    _setting(op, _date_type(date_col.type))
+                    if via_settings
+                    else _date_param(date_col.type, value)
+                )
+                query = query.where(bound >= param if op == "lo" else bound < param)
         return query
 
     def _reflect(self) -> sa.Table:
@@ -170,10 +191,7 @@ class SqlSource:
         return SnapshotSummary(rows, _ids_as_strings(_to_array(dups)))
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
-        query = self._selectable(
-            snapshot_date, _next_day(snapshot_date), self._needed_columns(False)
-        )
-        return self._stream(query)
+        return self._stream(snapshot_date, _next_day(snapshot_date), self._needed_columns(False))
 
     def read_range(
         self, start: date | None, end: date | None, *, label: bool = True
@@ -181,7 +199,7 @@ class SqlSource:
         if self.config.query is not None and start is not None and start == end:
             return self.read(start)
         hi = _next_day(end) if end is not None else None
-        return self._stream(self._selectable(start, hi, self._needed_columns(label)))
+        return self._stream(start, hi, self._needed_columns(label))
 
     def dates(self) -> list[date]:
         if self.config.query is not None:
@@ -205,26 +223,39 @@ class SqlSource:
         except DBAPIError as exc:
             raise ConfigError(f"query on {self.describe()} failed: {describe_error(exc)}") from None
 
-    def _stream(self, query: Any) -> Iterator[pa.RecordBatch]:
+    def _stream(
+        self, lo: date | None, hi: date | None, columns: Sequence[str] | None
+    ) -> Iterator[pa.RecordBatch]:
         if self.engine.dialect.name == "postgresql" and _adbc_available():
-            return _rebatch(self._adbc_stream(query), self.config.batch_size)
-        return self._rows_stream(query)
+            return _rebatch(self._adbc_stream(lo, hi, columns), self.config.batch_size)
+        return self._rows_stream(self._selectable(lo, hi, columns))
 
-    def _adbc_stream(self, query: Any) -> Iterator[pa.RecordBatch]:
+    def _adbc_stream(
+        self, lo: date | None, hi: date | None, columns: Sequence[str] | None
+    ) -> Iterator[pa.RecordBatch]:
         """PostgreSQL's binary COPY straight into Arrow: no Python object per value."""
         import adbc_driver_manager
         import adbc_driver_postgresql.dbapi as adbc
 
-        # The same statement, rendered with $1-style placeholders; values stay bound.
-        compiled = query.compile(dialect=_numeric_dollar_dialect())
-        params = [compiled.params[name] for name in compiled.positiontup or ()]
+        query = self._selectable(lo, hi, columns, via_settings=True)
+        sql = str(query.compile(dialect=_numeric_dollar_dialect()))
+        values = {"lo": lo, "hi": hi}
         uri = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
         def open_reader() -> tuple[Any, Any, Any]:
             conn = adbc.connect(uri)
             try:
                 cursor = conn.cursor()
-                cursor.execute(str(compiled), params or None)
+                # The values, bound, into this session's settings (the only parameters).
+                names = [name for name, value in values.items() if value is not None]
+                if names:
+                    calls = ", ".join(
+                        f"set_config('{_SETTING_PREFIX}{name}', ${i}, false)"
+                        for i, name in enumerate(names, start=1)
+                    )
+                    cursor.execute(f"SELECT {calls}", [_iso(values[n]) for n in names])
+                    cursor.fetchall()
+                cursor.execute(sql)
                 return conn, cursor, cursor.fetch_record_batch()
             except BaseException:
                 conn.close()
@@ -265,6 +296,30 @@ class SqlSource:
         finally:
             result.close()
             conn.close()
+
+
+_SETTING_PREFIX = "churn_batch."
+# How SQLAlchemy's text() finds a bound parameter; used to swap :snapshot_date.
+_BIND = re.compile(r"(?<![:\w\\]):snapshot_date\b(?!:)")
+
+
+def _setting(name: str, kind: sa.types.TypeEngine[Any]) -> Any:
+    """The session setting `name`, cast to the date column's type (see _adbc_stream)."""
+    expr = sa.func.current_setting(sa.literal_column(f"'{_SETTING_PREFIX}{name}'"))
+    return sa.cast(expr, kind)
+
+
+def _date_type(column_type: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
+    if isinstance(column_type, sa.DateTime):
+        return sa.DateTime()
+    if isinstance(column_type, sa.Date):
+        return sa.Date()
+    return sa.String()
+
+
+def _iso(value: date | None) -> str:
+    assert value is not None
+    return value.isoformat()
 
 
 def _adbc_available() -> bool:
