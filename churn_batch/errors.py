@@ -97,3 +97,28 @@ class RunLocked(ChurnBatchError):
     """Another run holds the lock for this snapshot date (exit 8)."""
 
     exit_code = 8
+
+
+class ReportError(ChurnBatchError):
+    """The run report could not be made; says which cell failed and where its notebook is.
+
+    Exit 1, or the code of a churn-batch error raised inside the notebook (a report
+    that failed because the database was down is still "retry later", exit 7).
+    """
+
+    exit_code = 1
+
+    def __init__(
+        self, message: str, *, exit_code: int | None = None, kernel_failed: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.kernel_failed = kernel_failed
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def add_detail(self, detail: str) -> None:
+        """Append what explains the failure (the dead kernel's last log lines)."""
+        if detail:
+            self.message = f"{self.message}\nthe kernel said: {detail}"
+            self.args = (self.message,)

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -20,7 +20,8 @@ from typing import ParamSpec, TypeVar
 import typer
 
 from churn_batch.config import Config, load_config, redact_urls_in
-from churn_batch.errors import ChurnBatchError, ConfigError
+from churn_batch.dates import parse_date as parse_date  # the CLI's --date
+from churn_batch.errors import ChurnBatchError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,19 +114,3 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise fail(f"unexpected {type(exc).__name__}: {exc}", 1) from None
 
     return wrapper
-
-
-def parse_date(text: str, *, today: date | None = None) -> date:
-    """ISO `YYYY-MM-DD`, `today` or `yesterday` (UTC), so a crontab line needs no `date`."""
-    today = today or datetime.now(UTC).date()
-    word = text.strip().lower()
-    if word == "today":
-        return today
-    if word == "yesterday":
-        return today - timedelta(days=1)
-    try:
-        return date.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(
-            f"invalid date {text!r}: use YYYY-MM-DD, 'today' or 'yesterday'"
-        ) from None
