@@ -22,6 +22,7 @@ from sqlalchemy.exc import ArgumentError
 from churn_batch.errors import ConfigError
 
 ENV_VAR = "CHURN_BATCH_CONFIG"
+REPORTS_ENV_VAR = "CHURN_BATCH_REPORTS_DIR"  # where `report` writes, if not reports/
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = Path("configs") / "default.toml"
 

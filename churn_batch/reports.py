@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from churn_batch import errors
-from churn_batch.config import PROJECT_ROOT, Config, ModelConfig, MonitoringConfig
+from churn_batch.config import (
+    PROJECT_ROOT,
+    REPORTS_ENV_VAR,
+    Config,
+    ModelConfig,
+    MonitoringConfig,
+)
 from churn_batch.dates import parse_date
 from churn_batch.errors import ChurnBatchError, ModelError, ReportError
 
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
     from churn_batch.job import RunOutcome
 
 REPORT_NOTEBOOK = PROJECT_ROOT / "notebooks" / "churn_report.ipynb"
-REPORTS_ENV_VAR = "CHURN_BATCH_REPORTS_DIR"
+
 REPORT_STEM = "churn_report"
 # The notebook's parameters cell must declare exactly what `build_report` injects.
 REPORT_PARAMETERS = ("run_date", "config_path")

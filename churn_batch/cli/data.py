@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from churn_batch import demo as demo_lib
-from churn_batch import job, training
 from churn_batch.cli.app import app
 from churn_batch.cli.common import reports_errors, state
 from churn_batch.config import redact_url
@@ -26,6 +24,9 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the synthetic customer base.")] = 0,
 ) -> None:
     """Seed synthetic snapshots, train and promote a model, score the latest date."""
+    from churn_batch import demo as demo_lib
+    from churn_batch import job, training
+
     config = state(ctx).config
     yesterday = datetime.now(UTC).date() - timedelta(days=1)
     seeded = demo_lib.seed(config, customers=customers, days=days, last=yesterday, seed=seed)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from churn_batch import training
 from churn_batch.cli.app import app
 from churn_batch.cli.common import parse_date, reports_errors, state
-from churn_batch.registry import Registry, jsonable
+
+if TYPE_CHECKING:
+    from churn_batch.config import ModelConfig
+    from churn_batch.registry import Registry
 
 models_app = typer.Typer(
     name="models",
@@ -58,6 +60,8 @@ def train(
     new version becomes champion only if it beats the champion on that same holdout.
     """
     config = state(ctx).config
+    from churn_batch import training
+
     result = training.train(
         config,
         parse_date(start) if start else None,
@@ -85,7 +89,7 @@ def train(
 @reports_errors
 def list_models(ctx: typer.Context) -> None:
     """List the registered versions, newest last, with their holdout ROC AUC and aliases."""
-    registry = Registry.from_config(state(ctx).config.model)
+    registry = _registry(state(ctx).config.model)
     summaries = registry.summaries()
     if not summaries:
         typer.echo(f"No model versions in {registry.home}")
@@ -108,10 +112,12 @@ def show(
     ] = False,
 ) -> None:
     """Show a version's model card: training data, metrics, calibration, tiers, libraries."""
-    registry = Registry.from_config(state(ctx).config.model)
+    registry = _registry(state(ctx).config.model)
     version = registry.resolve(ref)
     card = registry.card(version)
     if as_json:
+        from churn_batch.registry import jsonable
+
         typer.echo(json.dumps(jsonable(card), indent=2))
         return
     aliases = [alias for alias, v in sorted(registry.aliases().items()) if v == version]
@@ -124,7 +130,7 @@ def show(
 def promote(ctx: typer.Context, ref: RefArg, reason: ReasonOpt = None) -> None:
     """Make a version the champion, after checking it loads and fits the config's contract."""
     config = state(ctx).config
-    registry = Registry.from_config(config.model)
+    registry = _registry(config.model)
     move = registry.promote(
         ref, reason=reason or "promoted with `models promote`", contract=config.contract
     )
@@ -139,7 +145,7 @@ def promote(ctx: typer.Context, ref: RefArg, reason: ReasonOpt = None) -> None:
 def rollback(ctx: typer.Context, reason: ReasonOpt = None) -> None:
     """Return the champion to the version that was champion before it."""
     config = state(ctx).config
-    registry = Registry.from_config(config.model)
+    registry = _registry(config.model)
     move = registry.rollback(
         reason=reason or "rolled back with `models rollback`", contract=config.contract
     )
@@ -193,3 +199,9 @@ def _card_lines(card: Mapping[str, Any], version: str, aliases: list[str]) -> li
     ]
     candidates = [(name, c.get("holdout", {})) for name, c in card.get("candidates", {}).items()]
     return lines + _metrics_table([*candidates, (f"registered {version}", card.get("metrics", {}))])
+
+
+def _registry(config: ModelConfig) -> Registry:
+    from churn_batch.registry import Registry
+
+    return Registry.from_config(config)

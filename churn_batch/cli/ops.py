@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from churn_batch import reports
 from churn_batch.cli.app import app
 from churn_batch.cli.common import parse_date, reports_errors, state
+from churn_batch.config import REPORTS_ENV_VAR
 
 
 @app.command()
@@ -24,13 +24,15 @@ def report(
         Path | None,
         typer.Option(
             "--output-dir",
-            envvar=reports.REPORTS_ENV_VAR,
+            envvar=REPORTS_ENV_VAR,
             help="Reports directory (default: reports/ in the config's project).",
             file_okay=False,
         ),
     ] = None,
 ) -> None:
     """Execute notebooks/churn_report.ipynb for one date → reports/DATE/ .ipynb + .html."""
+    from churn_batch import reports
+
     config = state(ctx).config
     snapshot_date = parse_date(date)
     files = reports.build_report(config, snapshot_date, reports_dir=output_dir)

@@ -7,15 +7,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from churn_batch import evaluation, job
 from churn_batch.cli.app import app
 from churn_batch.cli.common import fail, parse_date, reports_errors, scrub, state
 from churn_batch.errors import ChurnBatchError, ConfigError
-from churn_batch.sinks import Sink
+
+if TYPE_CHECKING:
+    from churn_batch.job import Progress
 
 DateArg = Annotated[
     str, typer.Option("--date", help="Snapshot date: YYYY-MM-DD, 'today' or 'yesterday' (UTC).")
@@ -31,7 +32,7 @@ AllowDrift = Annotated[
 
 
 @contextmanager
-def _progress() -> Iterator[job.Progress | None]:
+def _progress() -> Iterator[Progress | None]:
     """A progress bar on a terminal; under cron, nothing (the log lines say enough)."""
     if not sys.stderr.isatty():
         yield None
@@ -56,6 +57,8 @@ def score(
     allow_drift: AllowDrift = False,
 ) -> None:
     """Score one snapshot date and publish it atomically to the predictions table."""
+    from churn_batch import job
+
     config = state(ctx).config
     snapshot_date = parse_date(date)
     with _progress() as progress:
@@ -80,6 +83,8 @@ def backfill(
     allow_drift: AllowDrift = False,
 ) -> None:
     """Score each date from START to END in turn; exit non-zero if any date failed."""
+    from churn_batch import job
+
     try:
         config = state(ctx).config
         first, last = parse_date(start), parse_date(end)
@@ -117,6 +122,8 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Recent runs from the runs table."""
+    from churn_batch.sinks import Sink
+
     config = state(ctx).config
     sink = Sink(config.sink)
     sink.prepare()
@@ -141,6 +148,8 @@ def runs(
 @reports_errors
 def evaluate(ctx: typer.Context, date: DateArg) -> None:
     """Realized performance of a published date, once its outcomes have arrived."""
+    from churn_batch import evaluation
+
     result = evaluation.evaluate(state(ctx).config, parse_date(date))
     m = result.metrics
     typer.echo(
