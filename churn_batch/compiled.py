@@ -43,9 +43,20 @@ class _Levels:
 
     def indices(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray[Any, Any]:
         """Level index per row; -1 for an unseen level or an unimputed missing value."""
-        found = pc.index_in(column, value_set=self.levels)
-        if self.missing_index is not None:
-            found = pc.if_else(pc.is_null(column), self.missing_index, found)
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        parts = [self._chunk(chunk) for chunk in chunks]
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    def _chunk(self, chunk: pa.Array) -> np.ndarray[Any, Any]:
+        missing = -1 if self.missing_index is None else self.missing_index
+        if pa.types.is_dictionary(chunk.type):
+            # Look up each distinct level once; rows only index into that small table.
+            found = pc.fill_null(pc.index_in(chunk.dictionary, value_set=self.levels), -1)
+            table = np.append(np.asarray(found.to_numpy(), np.int64), missing)
+            codes = pc.fill_null(chunk.indices, len(chunk.dictionary)).to_numpy()
+            return np.asarray(table[codes], np.int64)
+        found = pc.index_in(chunk, value_set=self.levels)
+        found = pc.if_else(pc.is_null(chunk), missing, found)
         return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), np.int64)
 
 

@@ -6,7 +6,8 @@ one fixed type per column:
 
 - id column: string; date column: date32
 - numeric features: float64, null where the value was missing or unparseable
-- categorical features: string, stripped, null where missing or blank
+- categorical features: dictionary-encoded strings, stripped, null where missing or
+  blank (each level is encoded once per batch; the scorer and monitor work on codes)
 - label (when asked for): int8 1/0 (null where the snapshot has no outcome yet)
 """
 
@@ -125,7 +126,7 @@ def check_batch(
         columns[name] = values
         invalid[name] = n_invalid
     for name in contract.categorical:
-        columns[name] = as_strings(table[name])
+        columns[name] = pc.dictionary_encode(as_strings(table[name]))
     if label:
         assert contract.label_column is not None
         columns[LABEL] = _label(table[contract.label_column], contract.positive_label)
@@ -160,7 +161,9 @@ def features_frame(valid: pa.Table, contract: ContractConfig) -> pd.DataFrame:
     for name in contract.numeric:
         data[name] = pd.Series(valid[name].to_numpy(zero_copy_only=False), dtype=np.float64)
     for name in contract.categorical:
-        values = valid[name].to_numpy(zero_copy_only=False).astype(object, copy=False)
+        # Decode by cast: to_numpy on chunks with different dictionaries mixes them up.
+        column = valid[name].cast(pa.string())
+        values = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
         values[pd.isna(values)] = np.nan
         # object, not pandas' string dtype: what the encoders were fitted on, in any pandas
         data[name] = pd.Series(values, dtype=object)
@@ -278,17 +281,33 @@ def _repeated(ids: pa.Array) -> pa.Array:
     return counts.field("values").filter(pc.greater(counts.field("counts"), 1))
 
 
+def level_counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:
+    """Rows per level of a (dictionary-encoded) string column; nulls are not counted."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    counts: dict[str, int] = {}
+    for chunk in chunks:
+        if pa.types.is_dictionary(chunk.type):
+            codes = pc.drop_null(chunk.indices).to_numpy()
+            per_code = np.bincount(codes, minlength=len(chunk.dictionary))
+            pairs = list(zip(chunk.dictionary.to_pylist(), per_code.tolist(), strict=True))
+        else:
+            found = pc.value_counts(pc.drop_null(chunk)).to_pylist()
+            pairs = [(item["values"], item["counts"]) for item in found]
+        for level, n in pairs:
+            if n:
+                counts[level] = counts.get(level, 0) + int(n)
+    return counts
+
+
 def _unseen(
     valid: pa.Table, contract: ContractConfig, known: Mapping[str, Collection[str]]
 ) -> dict[str, int]:
     out: dict[str, int] = {}
     for name in contract.categorical:
-        if name not in known:
-            continue
-        levels = pa.array(sorted(known[name]), pa.string())
-        column = valid[name]
-        seen = pc.is_in(column, value_set=levels)
-        out[name] = int(pc.sum(pc.and_(pc.is_valid(column), pc.invert(seen))).as_py() or 0)
+        if name in known:
+            levels = known[name]
+            counts = level_counts(valid[name])
+            out[name] = sum(n for level, n in counts.items() if level not in levels)
     return out
 
 

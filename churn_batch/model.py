@@ -273,16 +273,22 @@ def tier_thresholds(
     return {"high": high, "medium": min(medium, high)}
 
 
-def risk_tiers(p: npt.ArrayLike, thresholds: Mapping[str, float]) -> npt.NDArray[np.str_]:
-    """The tier of each score: "high" where p >= thresholds["high"], "medium" where
-    p >= thresholds["medium"], else "low" (a NaN score is "low")."""
+TIER_NAMES = ("high", "medium", "low")
+
+
+def tier_codes(p: npt.ArrayLike, thresholds: Mapping[str, float]) -> npt.NDArray[np.int8]:
+    """Index into TIER_NAMES per score: 0 (high) where p >= thresholds["high"],
+    1 (medium) where p >= thresholds["medium"], else 2 (low; a NaN score is low)."""
     scores = np.asarray(p, dtype=np.float64)
-    tiers = np.where(
-        scores >= thresholds["high"],
-        "high",
-        np.where(scores >= thresholds["medium"], "medium", "low"),
-    )
-    return np.asarray(tiers, dtype=np.str_)
+    codes = np.full(scores.shape, 2, dtype=np.int8)
+    codes[scores >= thresholds["medium"]] = 1
+    codes[scores >= thresholds["high"]] = 0
+    return codes
+
+
+def risk_tiers(p: npt.ArrayLike, thresholds: Mapping[str, float]) -> npt.NDArray[np.str_]:
+    """The tier name of each score (see `tier_codes`)."""
+    return np.asarray(TIER_NAMES, dtype=np.str_)[tier_codes(p, thresholds)]
 
 
 # -- reference distributions for drift ------------------------------------------------------

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from churn_batch.config import MonitoringConfig
+from churn_batch.contract import level_counts
 
 # PSI is undefined for an empty bin; a small floor keeps one empty bin from
 # dominating while still flagging a level that appears or vanishes.
@@ -176,8 +177,7 @@ class DriftMonitor:
         for name, cat in self.categorical.items():
             column = valid[name]
             cat.missing += column.null_count
-            for item in pc.value_counts(pc.drop_null(column)).to_pylist():
-                cat.counts[item["values"]] += item["counts"]
+            cat.counts.update(level_counts(column))
         self.score_counts += bin_counts(probabilities, self.score_edges)
         self.score_sum += float(np.sum(probabilities))
         for item in pc.value_counts(tiers).to_pylist():

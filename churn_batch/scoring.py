@@ -18,7 +18,7 @@ import pyarrow as pa
 from churn_batch.compiled import ArrowScorer, compile_scorer
 from churn_batch.config import ContractConfig
 from churn_batch.contract import features_frame
-from churn_batch.model import risk_tiers
+from churn_batch.model import TIER_NAMES, tier_codes
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ PREDICTION_SCHEMA = pa.schema(
     [
         ("customer_id", pa.string()),
         ("churn_probability", pa.float64()),
-        ("risk_tier", pa.string()),
+        ("risk_tier", pa.dictionary(pa.int8(), pa.string())),
     ]
 )
 # How many rows of the first batch are scored both ways to prove the compiled path.
@@ -90,12 +90,14 @@ class BatchScorer:
         if valid.num_rows == 0:
             return PREDICTION_SCHEMA.empty_table()
         probabilities = self.probabilities(valid)
-        tiers = risk_tiers(probabilities, self.model.thresholds)
+        # Three names, coded once: no string per row until the sink writes them.
+        codes = pa.array(tier_codes(probabilities, self.model.thresholds), pa.int8())
+        tiers = pa.DictionaryArray.from_arrays(codes, pa.array(TIER_NAMES, pa.string()))
         return pa.table(
             {
                 "customer_id": valid[self.contract.id_column],
                 "churn_probability": probabilities,
-                "risk_tier": pa.array(tiers, pa.string()),
+                "risk_tier": tiers,
             },
             schema=PREDICTION_SCHEMA,
         )
