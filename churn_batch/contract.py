@@ -126,7 +126,7 @@ def check_batch(
         columns[name] = values
         invalid[name] = n_invalid
     for name in contract.categorical:
-        columns[name] = pc.dictionary_encode(as_strings(table[name]))
+        columns[name] = as_levels(table[name])
     if label:
         assert contract.label_column is not None
         columns[LABEL] = _label(table[contract.label_column], contract.positive_label)
@@ -201,6 +201,25 @@ def as_strings(array: pa.ChunkedArray | pa.Array) -> pa.Array:
         array = array.cast(pa.string())
     array = pc.utf8_trim_whitespace(array.cast(pa.string()))
     return pc.if_else(pc.equal(pc.utf8_length(array), 0), None, array)
+
+
+def as_levels(array: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
+    """A categorical column as dictionary-encoded `as_strings` values.
+
+    Encoded first, cleaned after: trimming and blank-to-null run over the few distinct
+    levels instead of every row, then the rows' codes are remapped in one numpy take.
+    """
+    array = _combine(array)
+    if not pa.types.is_dictionary(array.type):
+        if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+            return pc.dictionary_encode(as_strings(array))
+        array = pc.dictionary_encode(array)
+    cleaned = pc.dictionary_encode(as_strings(array.dictionary))
+    # old code -> new code; the extra last slot takes the rows that were null already.
+    remap = np.append(pc.fill_null(cleaned.indices, -1).to_numpy(), -1).astype(np.int32)
+    codes = remap[pc.fill_null(array.indices, len(array.dictionary)).to_numpy()]
+    indices = pa.array(codes, pa.int32(), mask=codes < 0)
+    return pa.DictionaryArray.from_arrays(indices, cleaned.dictionary)
 
 
 def _numbers(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, int]:

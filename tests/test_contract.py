@@ -230,3 +230,12 @@ def test_valid_rows_pass_through_unchanged(values: list[tuple[float, str]]) -> N
     result = check_batch(batch, CONTRACT)
     assert result.rejected.num_rows == 0
     assert result.valid.cast(batch.schema).equals(batch)
+
+
+def test_levels_that_differ_only_by_spaces_are_one_level() -> None:
+    result = check_batch(table(plan=[" x", "x ", ""]), CONTRACT)
+    plan = result.valid["plan"].combine_chunks()
+    assert plan.to_pylist() == ["x", "x", None]
+    assert plan.dictionary.to_pylist() == ["x"]
+    encoded = pa.array(["b ", None, "a"]).dictionary_encode()
+    assert check_batch(table(plan=encoded), CONTRACT).valid["plan"].to_pylist() == ["b", None, "a"]
