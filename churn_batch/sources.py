@@ -387,8 +387,14 @@ class ParquetSource:
             if not self.path.exists():
                 raise ConfigError(f"Parquet source {self.path} does not exist", key="source.path")
             try:
+                # Categorical text arrives dictionary-encoded, as Parquet stores it:
+                # the contract then cleans each level once, not each row.
+                options = ds.ParquetReadOptions(dictionary_columns=set(self.contract.categorical))
                 self._dataset = ds.dataset(
-                    self.path, format="parquet", partitioning="hive", exclude_invalid_files=True
+                    self.path,
+                    format=ds.ParquetFileFormat(read_options=options),
+                    partitioning="hive",
+                    exclude_invalid_files=True,
                 )
             except (pa.ArrowInvalid, OSError) as exc:
                 raise ConfigError(f"cannot read Parquet source {self.path}: {exc}") from None

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy.exc import SQLAlchemyError
 from typer.testing import CliRunner
 
+from churn_batch import synthetic
 from churn_batch.cli import app
 from churn_batch.config import Config
 from churn_batch.contract import check_batch, features_frame
@@ -27,6 +28,7 @@ from churn_batch.sources import open_source
 
 from .scoring_fixtures import (
     CUSTOMERS,
+    DAYS,
     FIRST,
     LAST,
     copy_project,
@@ -334,3 +336,20 @@ def test_demo_from_an_empty_directory(tmp_path: Path) -> None:
     assert n > 350 and 0 < high < n
     assert (root / "models" / "churn" / "registry.json").exists()
     assert np.isfinite(n)
+
+
+def test_parquet_source_publishes_the_same_predictions(project: Config) -> None:
+    assert score(project, "--date", LAST.isoformat())[0] == 0
+    from_sql = [r[:4] for r in predictions(db(project), LAST)]
+    root = project.path.parent
+    synthetic.write_parquet(
+        synthetic.generate_snapshots(CUSTOMERS, FIRST, DAYS, seed=3), root / "pq"
+    )
+    text = project.path.read_text()
+    source = text[text.index("[source]") : text.index("[contract]")]
+    project.path.write_text(
+        text.replace(source, '[source]\nkind = "parquet"\npath = "pq"\nbatch_size = 111\n\n')
+    )
+    code, output = score(project, "--date", LAST.isoformat())
+    assert code == 0, output
+    assert [r[:4] for r in predictions(db(project), LAST)] == from_sql
