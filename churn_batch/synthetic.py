@@ -32,6 +32,7 @@ import sqlalchemy as sa
 
 # Telco's ~26% churn and ~9% new customers a month only fit together at about 3 months.
 HORIZON_DAYS = 90
+ROW_GROUP_ROWS = 100_000
 _BILLING_DAYS = 30
 _CHANGE_RATE = 0.002  # daily share of customers who change contract or one service
 
@@ -271,7 +272,8 @@ def write_parquet(snapshots: Iterable[tuple[datetime.date, pa.Table]], root: Pat
         tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         data = table.drop_columns([c for c in ("snapshot_date",) if c in table.column_names])
-        pq.write_table(data, tmp / "part-0.parquet")
+        # Row groups are what a reader decodes at once: keep them a batch-like size.
+        pq.write_table(data, tmp / "part-0.parquet", row_group_size=ROW_GROUP_ROWS)
         old = root / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
         if final.exists():
             os.replace(final, old)
