@@ -7,6 +7,7 @@ store holds them; the contract types them.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -226,9 +227,68 @@ class SqlSource:
     def _stream(
         self, lo: date | None, hi: date | None, columns: Sequence[str] | None
     ) -> Iterator[pa.RecordBatch]:
-        if self.engine.dialect.name == "postgresql" and _adbc_available():
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql" and _adbc_available("postgresql"):
             return _rebatch(self._adbc_stream(lo, hi, columns), self.config.batch_size)
+        if (
+            dialect == "sqlite"
+            and columns is not None
+            and _adbc_available("sqlite")
+            and self._one_storage_class(lo, hi, columns)
+        ):
+            return self._adbc_sqlite_stream(lo, hi, columns)
         return self._rows_stream(self._selectable(lo, hi, columns))
+
+    def _one_storage_class(self, lo: date | None, hi: date | None, columns: Sequence[str]) -> bool:
+        """True when each column holds one SQLite storage class (besides NULL) in range.
+
+        SQLite lets a column mix text and numbers; the ADBC driver types a column from
+        its first rows and fails on a later mismatch, so it only gets uniform columns
+        (checked in one pass; real exports with " " among numbers take the row path).
+        """
+        sub = self._selectable(lo, hi, columns).subquery("snapshot")
+        # COUNT(DISTINCT ...) skips NULLs: typeof is only taken of present values.
+        query = sa.select(
+            *[
+                sa.func.count(
+                    sa.distinct(sa.case((sub.c[name].is_not(None), sa.func.typeof(sub.c[name]))))
+                )
+                for name in columns
+            ]
+        ).select_from(sub)
+
+        def run() -> Any:
+            with self.engine.connect() as conn:
+                return conn.execute(query).one()
+
+        return all(int(n or 0) <= 1 for n in self._run(run))
+
+    def _adbc_sqlite_stream(
+        self, lo: date | None, hi: date | None, columns: Sequence[str]
+    ) -> Iterator[pa.RecordBatch]:
+        """SQLite rows straight into Arrow batches, the values bound as parameters."""
+        import adbc_driver_sqlite.dbapi as adbc
+
+        compiled = self._selectable(lo, hi, columns).compile(dialect=self.engine.dialect)
+        params = []
+        for name in compiled.positiontup or ():
+            bind = compiled.binds[name]
+            process = bind.type.dialect_impl(self.engine.dialect).bind_processor(
+                self.engine.dialect
+            )
+            value = compiled.params[name]
+            params.append(process(value) if process else value)
+        conn = adbc.connect(str(self.engine.url.database))
+        try:
+            cursor = conn.cursor()
+            cursor.adbc_statement.set_options(
+                **{"adbc.sqlite.query.batch_rows": str(self.config.batch_size)}
+            )
+            cursor.execute(compiled.string, params)
+            yield from cursor.fetch_record_batch()
+            cursor.close()
+        finally:
+            conn.close()
 
     def _adbc_stream(
         self, lo: date | None, hi: date | None, columns: Sequence[str] | None
@@ -322,9 +382,10 @@ def _iso(value: date | None) -> str:
     return value.isoformat()
 
 
-def _adbc_available() -> bool:
+def _adbc_available(database: str) -> bool:
+    """Whether the optional ADBC driver for `database` is installed."""
     try:
-        import adbc_driver_postgresql.dbapi  # noqa: F401
+        importlib.import_module(f"adbc_driver_{database}.dbapi")
     except ImportError:
         return False
     return True

@@ -14,7 +14,7 @@ from sqlalchemy.pool import NullPool
 from churn_batch.config import ContractConfig, SourceConfig
 from churn_batch.contract import check_batch
 from churn_batch.errors import ConfigError, MissingColumns, NoSnapshotRows, StorageUnavailable
-from churn_batch.sources import open_source
+from churn_batch.sources import SqlSource, open_source
 
 CONTRACT = ContractConfig(
     id_column="customer_id",
@@ -38,12 +38,17 @@ def rows() -> list[dict[str, object]]:
     return out
 
 
-def fill(url: str, name: str, date_type: sa.types.TypeEngine[object]) -> None:
+def fill(
+    url: str,
+    name: str,
+    date_type: sa.types.TypeEngine[object],
+    charges_type: sa.types.TypeEngine[object] | None = None,
+) -> None:
     engine = sa.create_engine(url)
     table = sa.Table(
         name, sa.MetaData(),
         sa.Column("customer_id", sa.String(20)), sa.Column("snapshot_date", date_type),
-        sa.Column("charges", sa.Numeric(10, 2)), sa.Column("plan", sa.String(10)),
+        sa.Column("charges", charges_type or sa.Numeric(10, 2)), sa.Column("plan", sa.String(10)),
         sa.Column("churned", sa.String(5)), sa.Column("extra", sa.Integer),
     )  # fmt: skip
     data = rows()
@@ -182,3 +187,30 @@ def test_parquet_missing_path(tmp_path: Path) -> None:
     source = open_source(SourceConfig(kind="parquet", path=tmp_path / "nope"), CONTRACT)
     with pytest.raises(ConfigError, match=r"Parquet source .*nope does not exist"):
         source.summarize(D1)
+
+
+def test_sqlite_mixed_storage_classes_take_the_row_path(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'mixed.db'}"
+    # REAL, not NUMERIC: SQLite stores a NUMERIC 0.0 as the integer 0 (two classes).
+    fill(url, "snap", sa.Date(), sa.Float())
+    config = SourceConfig(kind="sql", url=url, table="snap", batch_size=2)
+    source = open_source(config, CONTRACT)
+    assert isinstance(source, SqlSource)
+    columns = list(CONTRACT.required_columns)
+    assert source._one_storage_class(D1, D2, columns), "uniform: the ADBC path"
+    uniform = list(source.read(D1))
+    engine = sa.create_engine(url, poolclass=NullPool)
+    with engine.begin() as conn:  # a blank among numbers, as real exports have
+        conn.execute(sa.text("UPDATE snap SET charges = ' ' WHERE customer_id = 'c3'"))
+    engine.dispose()
+    assert not source._one_storage_class(D1, D2, columns)
+    # Batch by batch, as the job does: the row path types each batch on its own.
+    dups = source.summarize(D1).duplicate_ids
+    mixed = [check_batch(b, CONTRACT, duplicate_ids=dups) for b in source.read(D1)]
+    valid = pa.concat_tables([m.valid for m in mixed])
+    before = check_batch(pa.Table.from_batches(uniform), CONTRACT, duplicate_ids=dups).valid
+    assert sum(m.invalid_numbers["charges"] for m in mixed) == 1
+    assert valid["customer_id"].to_pylist() == before["customer_id"].to_pylist()
+    expected = [None if i == "c3" else v for i, v in zip(before["customer_id"].to_pylist(),
+                before["charges"].to_pylist(), strict=True)]  # fmt: skip
+    assert valid["charges"].to_pylist() == expected
