@@ -624,6 +624,33 @@ def plot_drift(drift: pd.DataFrame, monitoring: MonitoringConfig) -> Figure:
     return fig
 
 
+def performance_trend(config: Config) -> pd.DataFrame:
+    """Realized performance per evaluated date (`churn-batch evaluate`), oldest first."""
+    from churn_batch.evaluation import history
+
+    columns = ["snapshot_date", "model_version", "rows_matched", "roc_auc", "pr_auc",
+               "lift_top_10", "brier"]  # fmt: skip
+    rows = history(config)
+    return pd.DataFrame([{k: row[k] for k in columns} for row in rows], columns=columns)
+
+
+def plot_performance(trend: pd.DataFrame) -> Figure:
+    """ROC AUC and lift in the top decile over the evaluated dates."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    auc, lift = fig.subplots(1, 2)
+    dates = [str(d) for d in trend["snapshot_date"]]
+    auc.plot(dates, trend["roc_auc"], marker="o", color="#4c78a8")
+    auc.set_title("ROC AUC")
+    lift.plot(dates, trend["lift_top_10"], marker="o", color="#f58518")
+    lift.set_title("lift in the top 10%")
+    for ax in (auc, lift):
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
 def png(fig: Figure, dpi: int = 110) -> bytes:
     """The figure as PNG bytes (no pyplot state, no display backend needed)."""
     buffer = io.BytesIO()

@@ -343,9 +343,11 @@ def test_report_command_writes_html_and_notebook(scored: tuple[Path, date]) -> N
     from churn_batch.cli import app
 
     config, snapshot_date = scored
-    result = CliRunner().invoke(
-        app, ["--config", str(config), "report", "--date", snapshot_date.isoformat()]
-    )
+    runner = CliRunner()
+    args = ["--config", str(config)]
+    evaluated = runner.invoke(app, [*args, "evaluate", "--date", snapshot_date.isoformat()])
+    assert evaluated.exit_code == 0, evaluated.output
+    result = runner.invoke(app, [*args, "report", "--date", snapshot_date.isoformat()])
     assert result.exit_code == 0, result.output
     folder = config.parent.parent / "reports" / snapshot_date.isoformat()
     assert result.output == (
@@ -353,8 +355,9 @@ def test_report_command_writes_html_and_notebook(scored: tuple[Path, date]) -> N
         f"Executed notebook: {folder / 'churn_report.ipynb'}\n"
     )
     html = (folder / "churn_report.html").read_text(encoding="utf-8")
-    assert_report_html(html, images=2)  # the score distribution and the drift plot
-    sections = ["Risk tiers", "Feature drift", "Rejected rows", "Top at-risk customers"]
+    assert_report_html(html, images=3)  # score distribution, drift, realized performance
+    sections = ["Risk tiers", "Feature drift", "Realized performance", "Rejected rows",
+                "Top at-risk customers"]  # fmt: skip
     for text in [f"Churn scoring report: {snapshot_date}", "Status: succeeded", *sections]:
         assert text in html
     top = published(config, snapshot_date).sort_values("churn_probability").iloc[-1]
