@@ -353,3 +353,17 @@ def test_parquet_source_publishes_the_same_predictions(project: Config) -> None:
     code, output = score(project, "--date", LAST.isoformat())
     assert code == 0, output
     assert [r[:4] for r in predictions(db(project), LAST)] == from_sql
+
+
+def test_drift_warning_publishes_and_says_so(project: Config) -> None:
+    # A zero warn threshold makes any PSI a warning: the gate's middle outcome.
+    text = project.path.read_text()
+    project.path.write_text(text + "\n[monitoring.features.tenure_months]\npsi_warn = 0.0\n")
+    code, output = score(project, "--date", LAST.isoformat())
+    assert code == 0, output
+    assert "Warning: drift warning: tenure_months PSI " in output
+    assert len(predictions(db(project), LAST)) > 0
+    (run,) = run_rows(project)
+    assert run["status"] == "succeeded"
+    assert isinstance(run["summary"], dict)
+    assert run["summary"]["gate"]["level"] == "warn"
