@@ -62,8 +62,10 @@ class CheckedBatch:
         return int(self.valid.num_rows + self.rejected.num_rows)
 
 
-def require_columns(available: Iterable[str], contract: ContractConfig, *, label: bool) -> None:
-    """Raise `MissingColumns` (exit 4) unless every column the contract needs is present."""
+def require_columns(
+    available: Iterable[str], contract: ContractConfig, *, label: bool
+) -> list[str]:
+    """The columns the contract reads; `MissingColumns` (exit 4) unless all are present."""
     names = list(available)
     needed = list(contract.required_columns)
     if label and contract.label_column:
@@ -71,6 +73,7 @@ def require_columns(available: Iterable[str], contract: ContractConfig, *, label
     missing = [c for c in needed if c not in names]
     if missing:
         raise MissingColumns(missing, names)
+    return needed
 
 
 def check_batch(

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from churn_batch.config import ContractConfig, SourceConfig, redact_urls_in
-from churn_batch.contract import as_dates, as_strings
+from churn_batch.contract import as_dates, as_strings, require_columns
 from churn_batch.db import create_engine, describe_error, retrying
 from churn_batch.errors import ConfigError, MissingColumns, NoSnapshotRows, StorageUnavailable
 
@@ -161,14 +161,9 @@ class SqlSource:
     def _needed_columns(self, label: bool) -> list[str] | None:
         if self.config.query is not None:
             return None
-        present = [c.name for c in self._reflect().columns]
-        needed = list(self.contract.required_columns)
-        if label and self.contract.label_column:
-            needed.append(self.contract.label_column)
-        missing = [c for c in needed if c not in present]
-        if missing:
-            raise MissingColumns(missing, present)
-        return needed
+        return require_columns(
+            [c.name for c in self._reflect().columns], self.contract, label=label
+        )
 
     def summarize(self, snapshot_date: date) -> SnapshotSummary:
         inner = self._selectable(snapshot_date, _next_day(snapshot_date), None)
@@ -491,14 +486,7 @@ class ParquetSource:
         return expr
 
     def _columns(self, label: bool) -> list[str]:
-        present = self.dataset.schema.names
-        needed = list(self.contract.required_columns)
-        if label and self.contract.label_column:
-            needed.append(self.contract.label_column)
-        missing = [c for c in needed if c not in present]
-        if missing:
-            raise MissingColumns(missing, present)
-        return needed
+        return require_columns(self.dataset.schema.names, self.contract, label=label)
 
     def summarize(self, snapshot_date: date) -> SnapshotSummary:
         # Only the id column is read, batch by batch, normalised as the contract will
