@@ -176,6 +176,14 @@ def features_frame(valid: pa.Table, contract: ContractConfig) -> pd.DataFrame:
 # -- column normalisers ------------------------------------------------------------
 
 
+def _plain(array: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One contiguous array of plain values (dictionary columns decoded)."""
+    array = _combine(array)
+    if pa.types.is_dictionary(array.type):
+        return array.cast(array.type.value_type)
+    return array
+
+
 def _combine(array: pa.ChunkedArray | pa.Array) -> pa.Array:
     if isinstance(array, pa.ChunkedArray):
         return array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
@@ -184,11 +192,8 @@ def _combine(array: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 def as_strings(array: pa.ChunkedArray | pa.Array) -> pa.Array:
     """Any column as stripped strings; blank becomes null, 1.0 becomes "1"."""
-    array = _combine(array)
+    array = _plain(array)
     kind = array.type
-    if pa.types.is_dictionary(kind):
-        array = array.cast(kind.value_type)
-        kind = array.type
     if pa.types.is_null(kind):
         return pa.nulls(len(array), pa.string())
     if pa.types.is_floating(kind):
@@ -227,11 +232,8 @@ def as_levels(array: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
 
 def _numbers(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, int]:
     """Any column as float64; unparseable, NaN and infinite values become null and are counted."""
-    array = _combine(array)
+    array = _plain(array)
     kind = array.type
-    if pa.types.is_dictionary(kind):
-        array = array.cast(kind.value_type)
-        kind = array.type
     present = len(array) - array.null_count
     if pa.types.is_null(kind):
         return pa.nulls(len(array), pa.float64()), 0
@@ -253,11 +255,8 @@ def _numbers(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, int]:
 
 def as_dates(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
     """Any date-like column as date32, and a mask of rows whose date could be read."""
-    array = _combine(array)
+    array = _plain(array)
     kind = array.type
-    if pa.types.is_dictionary(kind):
-        array = array.cast(kind.value_type)
-        kind = array.type
     if pa.types.is_date32(kind):
         values = array
     elif pa.types.is_date(kind) or pa.types.is_timestamp(kind):
