@@ -24,7 +24,7 @@ from churn_batch.contract import check_batch, enforce_invalid_fraction, reason_c
 from churn_batch.errors import ChurnBatchError, DriftBlocked
 from churn_batch.monitoring import DriftMonitor, Level, gate
 from churn_batch.prefetch import prefetch
-from churn_batch.registry import LoadedModel, Registry
+from churn_batch.registry import load_model
 from churn_batch.scoring import BatchScorer
 from churn_batch.sinks import Sink
 from churn_batch.sources import open_source
@@ -54,12 +54,6 @@ class RunOutcome:
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[tuple[str, str, float | None]] = field(default_factory=list)
-
-
-def load_model(config: Config, ref: str | None = None) -> LoadedModel:
-    return Registry(config.model.registry, config.model.name).load(
-        ref or config.model.alias, contract=config.contract
-    )
 
 
 def score_date(
@@ -117,7 +111,7 @@ def _publish(
     rejected_sample: list[pa.Table],
 ) -> None:
     contract = config.contract
-    model = load_model(config, model_ref)
+    model = load_model(config.model, config.contract, model_ref)
     outcome.model_version = model.version
     source = open_source(config.source, contract)
     summary = source.summarize(outcome.snapshot_date)

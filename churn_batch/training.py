@@ -108,7 +108,7 @@ def train(
     _check_label_classes(data, config.contract)
     labels = data.table[LABEL].to_numpy().astype(np.int8)
     split = split_holdout(data.table[config.contract.date_column], labels, config.training)
-    train_part, holdout = _labelled_parts(data.table, labels, split, config.contract)
+    train_part, holdout = labelled_parts(data.table, labels, split, config.contract)
     _require_both_classes(train_part, holdout, split)
     log.info(
         "training on %d rows, holdout %s (%d rows)",
@@ -258,9 +258,10 @@ def _as_date(value: np.datetime64) -> date:
     return result
 
 
-def _labelled_parts(
+def labelled_parts(
     table: pa.Table, labels: npt.NDArray[np.int8], split: Split, contract: ContractConfig
 ) -> tuple[Labelled, Labelled]:
+    """The training part and the holdout, as the model module takes them."""
     features = features_frame(table, contract)
     customers = table[contract.id_column].to_numpy()
     parts = []

@@ -658,7 +658,7 @@ def _fit_and_register(config: Any, registry: Any, key: str, args: argparse.Names
     import pyarrow.compute as pc
 
     from churn_batch import model, synthetic, training
-    from churn_batch.contract import LABEL, check_batch, features_frame
+    from churn_batch.contract import LABEL, check_batch
 
     contract = config.contract
     snapshot = synthetic.generate_snapshot(args.train_rows, TRAIN_DATE, seed=args.seed + 1)
@@ -666,17 +666,7 @@ def _fit_and_register(config: Any, registry: Any, key: str, args: argparse.Names
     table = checked.valid.sort_by([(contract.id_column, "ascending")])
     labels = table[LABEL].to_numpy().astype(np.int8)
     split = training.split_holdout(table[contract.date_column], labels, config.training)
-    features = features_frame(table, contract)
-    customers = table[contract.id_column].to_numpy()
-    parts = []
-    for mask in (~split.holdout, split.holdout):
-        rows = np.flatnonzero(mask)
-        parts.append(
-            model.Labelled(
-                features.iloc[rows].reset_index(drop=True), labels[rows], customers[rows]
-            )
-        )
-    train_part, holdout = parts
+    train_part, holdout = training.labelled_parts(table, labels, split, contract)
     numeric, categorical = list(contract.numeric), list(contract.categorical)
     if key == "lr":
         estimator = model.logistic_pipeline(numeric, categorical, c=1.0)
