@@ -40,6 +40,7 @@ from churn_batch.contract import ID_MAX_LENGTH
 from churn_batch.db import create_engine, describe_error, is_unavailable, retrying
 from churn_batch.errors import ConfigError, StorageUnavailable
 from churn_batch.locks import date_lock, schema_lock
+from churn_batch.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -379,9 +380,13 @@ class Sink:
                 conn.execute(
                     sa.delete(predictions).where(predictions.c.snapshot_date == snapshot_date)
                 )
-                yield Publication(
-                    conn, self.tables, snapshot_date, run_id, model_version, scored_at
-                )
+                # From here on the connection belongs to the write-behind thread, until
+                # it has drained (commit) or stopped (rollback).
+                with WriteBehind(name="publication") as behind:
+                    yield Publication(
+                        conn, self.tables, snapshot_date, run_id, model_version, scored_at, behind
+                    )
+                    behind.drain()
         except DBAPIError as exc:
             if is_unavailable(exc):
                 raise StorageUnavailable(
@@ -467,7 +472,12 @@ class Sink:
 
 
 class Publication:
-    """The open transaction of one date's publication; see `Sink.publication`."""
+    """The open transaction of one date's publication; see `Sink.publication`.
+
+    Writes are queued to the publication's write-behind thread and run there in the
+    order they were made: a call returns once its rows are checked and queued, and a
+    database error surfaces at a later call or when the publication ends (rolled back).
+    """
 
     def __init__(
         self,
@@ -477,9 +487,12 @@ class Publication:
         run_id: str,
         model_version: str,
         scored_at: datetime,
+        behind: WriteBehind,
     ) -> None:
         self._conn = conn
         self._tables = tables
+        self._behind = behind
+        self._writer = _prediction_writer(conn.dialect)
         self.snapshot_date = snapshot_date
         self.run_id = run_id
         self.rows_written = 0
@@ -494,18 +507,21 @@ class Publication:
         """Insert a batch of customer_id, churn_probability, risk_tier rows."""
         rows = _prediction_rows(batch)
         if rows.num_rows:
-            writer = _prediction_writer(self._conn.dialect)
-            writer(self._conn, self._tables.predictions, self._constants, rows)
+            conn, table, constants = self._conn, self._tables.predictions, self._constants
+            self._behind.submit(lambda: self._writer(conn, table, constants, rows))
             self.rows_written += rows.num_rows
 
     def write_rejected(self, rejected: pa.Table) -> None:
         """Insert rejected rows (customer_id, reason, raw) in this transaction."""
         rows = _rejected_rows(rejected)
-        _insert_rejected(self._conn, self._tables, self.run_id, self.snapshot_date, rows)
+        conn, tables, run_id, day = self._conn, self._tables, self.run_id, self.snapshot_date
+        self._behind.submit(lambda: _insert_rejected(conn, tables, run_id, day, rows))
 
     def write_metrics(self, rows: Sequence[tuple[str, str, float | None]]) -> None:
         """Insert (feature, metric, value) rows in this transaction."""
-        _insert_metrics(self._conn, self._tables, self.run_id, self.snapshot_date, rows)
+        conn, tables, run_id, day = self._conn, self._tables, self.run_id, self.snapshot_date
+        metrics = list(rows)
+        self._behind.submit(lambda: _insert_metrics(conn, tables, run_id, day, metrics))
 
     def finish_run(
         self,
@@ -523,7 +539,10 @@ class Publication:
         values = _finish_values(
             status, rows_read, rows_scored, rows_rejected, error, summary, model_version
         )
-        _finish_run(self._conn, self._tables.runs, run_id, values)
+        runs = self._tables.runs
+        self._behind.submit(lambda: _finish_run(self._conn, runs, run_id, values))
+        # Wait here, so that an unknown run (or any queued failure) is raised by this call.
+        self._behind.drain()
 
 
 # -- write paths --------------------------------------------------------------------------
