@@ -56,6 +56,9 @@ class CheckedBatch:
     invalid_numbers: Mapping[str, int] = field(default_factory=dict)
     # Per categorical feature: values not among the levels the model was trained on.
     unseen_levels: Mapping[str, int] = field(default_factory=dict)
+    # Ids that cleaning changed (surrounding whitespace): two ids a database key keeps
+    # apart may have become one, so a key alone no longer rules out repeats.
+    ids_rewritten: int = 0
 
     @property
     def rows_in(self) -> int:
@@ -94,6 +97,7 @@ def check_batch(
     require_columns(table.column_names, contract, label=label)
 
     ids = as_strings(table[contract.id_column])
+    ids_rewritten = _rewritten(table[contract.id_column], ids)
     dates, date_ok = as_dates(table[contract.date_column])
     missing_id = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)
     if duplicate_ids is None:
@@ -138,7 +142,7 @@ def check_batch(
     valid = typed.filter(keep)
     unseen = _unseen(valid, contract, known_levels) if known_levels is not None else {}
     rejected = _rejected(table, ids, reason, pc.invert(keep))
-    return CheckedBatch(valid, rejected, invalid, unseen)
+    return CheckedBatch(valid, rejected, invalid, unseen, ids_rewritten)
 
 
 def enforce_invalid_fraction(
@@ -295,6 +299,15 @@ def _canonical(value: str | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return value.strip()
+
+
+def _rewritten(raw: pa.ChunkedArray | pa.Array, ids: pa.Array) -> int:
+    """How many string ids `as_strings` changed (trimming only shortens them)."""
+    plain = _plain(raw)
+    if not (pa.types.is_string(plain.type) or pa.types.is_large_string(plain.type)):
+        return 0  # numbers print one way each; nothing to merge
+    changed = pc.not_equal(pc.utf8_length(plain), pc.utf8_length(ids))
+    return int(pc.sum(pc.fill_null(changed, False)).as_py() or 0)
 
 
 def _repeated(ids: pa.Array) -> pa.Array:

@@ -24,10 +24,10 @@ from churn_batch.contract import check_batch, enforce_invalid_fraction, reason_c
 from churn_batch.errors import ChurnBatchError, DriftBlocked
 from churn_batch.monitoring import DriftMonitor, Level, gate
 from churn_batch.prefetch import prefetch
-from churn_batch.registry import load_model
+from churn_batch.registry import LoadedModel, load_model
 from churn_batch.scoring import BatchScorer
 from churn_batch.sinks import Sink
-from churn_batch.sources import open_source
+from churn_batch.sources import SnapshotSource, SnapshotSummary, open_source
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,10 @@ def _run_locked(
             raise
 
 
+class _IdsChangedByCleaning(Exception):
+    """Repeats were judged among the ids as stored, and cleaning changed some ids."""
+
+
 def _publish(
     config: Config,
     outcome: RunOutcome,
@@ -110,15 +114,43 @@ def _publish(
     progress: Progress | None,
     rejected_sample: list[pa.Table],
 ) -> None:
-    contract = config.contract
     model = load_model(config.model, config.contract, model_ref)
     outcome.model_version = model.version
-    source = open_source(config.source, contract)
+    source = open_source(config.source, config.contract)
     summary = source.summarize(outcome.snapshot_date)
     log.info(
         "scoring %s: %d rows from %s with model %s",
         outcome.snapshot_date, summary.rows, source.describe(), model.version,
     )  # fmt: skip
+    try:
+        _publish_once(config, outcome, sink, model, source, summary, allow_drift, progress,
+                      rejected_sample)  # fmt: skip
+    except _IdsChangedByCleaning:
+        # Rolled back. Rare (ids padded with whitespace): judge repeats on cleaned ids.
+        log.info(
+            "ids of %s change when trimmed, so repeats found among the stored ids may miss "
+            "some; looking for repeats among the trimmed ids and starting the publication over",
+            outcome.snapshot_date,
+        )
+        outcome.rows_read = outcome.rows_scored = outcome.rows_rejected = 0
+        rejected_sample.clear()
+        summary = source.summarize(outcome.snapshot_date, cleaned_ids=True)
+        _publish_once(config, outcome, sink, model, source, summary, allow_drift, progress,
+                      rejected_sample)  # fmt: skip
+
+
+def _publish_once(
+    config: Config,
+    outcome: RunOutcome,
+    sink: Sink,
+    model: LoadedModel,
+    source: SnapshotSource,
+    summary: SnapshotSummary,
+    allow_drift: bool,
+    progress: Progress | None,
+    rejected_sample: list[pa.Table],
+) -> None:
+    contract = config.contract
     monitor = DriftMonitor(model.card.get("reference", {}))
     scorer = BatchScorer(model, contract)
     reasons: dict[str, int] = {}
@@ -131,6 +163,8 @@ def _publish(
                 batch, contract, duplicate_ids=summary.duplicate_ids,
                 known_levels=monitor.known_levels,
             )  # fmt: skip
+            if summary.as_stored and checked.ids_rewritten:
+                raise _IdsChangedByCleaning
             predictions = scorer.score(checked.valid)
             monitor.observe(
                 checked.valid,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -36,13 +36,22 @@ class SnapshotSummary:
 
     rows: int
     duplicate_ids: pa.Array  # string ids seen more than once on that date
+    # True when repeats were judged among the ids as stored: found by the database, or
+    # ruled out by the table's key. The contract's cleaning (trimming whitespace) can
+    # still make two stored ids one, so the reader must check that it changed none, and
+    # otherwise ask again with `cleaned_ids=True`.
+    as_stored: bool = False
 
 
 class SnapshotSource(Protocol):
     def describe(self) -> str: ...
 
-    def summarize(self, snapshot_date: date) -> SnapshotSummary:
-        """Count the date's rows and find repeated ids; `NoSnapshotRows` if there are none."""
+    def summarize(self, snapshot_date: date, *, cleaned_ids: bool = False) -> SnapshotSummary:
+        """Count the date's rows and find repeated ids; `NoSnapshotRows` if there are none.
+
+        A source may judge repeats among the ids as stored, cheaply, and say so
+        (`as_stored`); `cleaned_ids` makes it judge them as the contract cleans them.
+        """
         ...
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
@@ -165,8 +174,15 @@ class SqlSource:
             [c.name for c in self._reflect().columns], self.contract, label=label
         )
 
-    def summarize(self, snapshot_date: date) -> SnapshotSummary:
-        inner = self._selectable(snapshot_date, _next_day(snapshot_date), None)
+    def summarize(self, snapshot_date: date, *, cleaned_ids: bool = False) -> SnapshotSummary:
+        lo, hi = snapshot_date, _next_day(snapshot_date)
+        if cleaned_ids:
+            # Every id, cleaned here: memory grows with the ids (see `_summary_of_ids`).
+            name = self.contract.id_column
+            ids = (b.column(name) for b in self._stream(lo, hi, [name]))
+            return _summary_of_ids(ids, snapshot_date, self.describe())
+        unique = self._key_makes_ids_unique()
+        inner = self._selectable(lo, hi, None)
         if isinstance(inner, sa.TextClause):
             sub = inner.columns(sa.column(self.contract.id_column)).subquery("snapshot")
         else:
@@ -178,13 +194,42 @@ class SqlSource:
         def run() -> tuple[int, list[Any]]:
             with self.engine.connect() as conn:
                 n = int(conn.execute(count_q).scalar_one())
-                dups = [row[0] for row in conn.execute(dup_q)] if n else []
+                dups = [row[0] for row in conn.execute(dup_q)] if n and not unique else []
                 return n, dups
 
         rows, dups = self._run(run)
         if rows == 0:
             raise NoSnapshotRows(snapshot_date, self.describe())
-        return SnapshotSummary(rows, _ids_as_strings(_to_array(dups)))
+        return SnapshotSummary(rows, _ids_as_strings(_to_array(dups)), as_stored=True)
+
+    def _key_makes_ids_unique(self) -> bool:
+        """True when a primary key or unique constraint/index allows one row per id and date.
+
+        Only where the stored values mean what the contract reads: the id column an
+        integer or a string (distinct floats can print alike), the date column a real
+        DATE (a timestamp or text column holds many values per day), and not on SQLite,
+        whose declared types bind nothing (1 and '1' are distinct there).
+        """
+        if self.config.query is not None or self.engine.dialect.name == "sqlite":
+            return False
+        table = self._reflect()
+        id_name, date_name = self.contract.id_column, self.contract.date_column
+        id_col = table.columns.get(id_name)
+        if id_col is None or not isinstance(id_col.type, sa.Integer | sa.String):
+            return False
+        keys = [{c.name for c in table.primary_key.columns}]
+        keys += [
+            {c.name for c in constraint.columns}
+            for constraint in table.constraints
+            if isinstance(constraint, sa.UniqueConstraint)
+        ]
+        keys += [{c.name for c in index.columns} for index in table.indexes if index.unique]
+        date_is_date = isinstance(table.columns[date_name].type, sa.Date) and not isinstance(
+            table.columns[date_name].type, sa.DateTime
+        )
+        return any(
+            key == {id_name} or (key == {id_name, date_name} and date_is_date) for key in keys
+        )
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
         return self._stream(snapshot_date, _next_day(snapshot_date), self._needed_columns(False))
@@ -399,6 +444,22 @@ def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Record
             yield batch.slice(offset, size)
 
 
+def _summary_of_ids(
+    columns: Iterable[pa.Array], snapshot_date: date, where: str
+) -> SnapshotSummary:
+    """Count ids and find repeats among them cleaned as the contract cleans them.
+
+    Only the id column is read, batch by batch. Memory grows with the number of ids
+    (about 60 bytes each, sorting included): unlike the rest of a run, not bounded by
+    the batch size.
+    """
+    chunks = [_ids_as_strings(column) for column in columns if len(column)]
+    rows = sum(len(c) for c in chunks)
+    if rows == 0:
+        raise NoSnapshotRows(snapshot_date, where)
+    return SnapshotSummary(rows, _repeated_by_sorting(pa.chunked_array(chunks, pa.string())))
+
+
 def _repeated_by_sorting(ids: pa.ChunkedArray) -> pa.Array:
     """Ids that occur more than once. Sorting needs a third of a hash table's memory."""
     ordered = ids.take(pc.sort_indices(ids)).combine_chunks()
@@ -488,20 +549,12 @@ class ParquetSource:
     def _columns(self, label: bool) -> list[str]:
         return require_columns(self.dataset.schema.names, self.contract, label=label)
 
-    def summarize(self, snapshot_date: date) -> SnapshotSummary:
-        # Only the id column is read, batch by batch, normalised as the contract will
-        # see it. Memory grows with the number of ids (about 60 bytes each, sorting
-        # included): the one part of a Parquet run that is not bounded by the batch.
+    def summarize(self, snapshot_date: date, *, cleaned_ids: bool = False) -> SnapshotSummary:
+        # Always judged on cleaned ids: there is no database to ask, nor keys to trust.
         expr = self._filter(snapshot_date, _next_day(snapshot_date))
-        chunks = [
-            _ids_as_strings(batch.column(0))
-            for batch in self._scan(expr, [self.contract.id_column]).to_batches()
-            if batch.num_rows
-        ]
-        rows = sum(len(c) for c in chunks)
-        if rows == 0:
-            raise NoSnapshotRows(snapshot_date, self.describe())
-        return SnapshotSummary(rows, _repeated_by_sorting(pa.chunked_array(chunks, pa.string())))
+        scan = self._scan(expr, [self.contract.id_column]).to_batches()
+        ids = (b.column(self.contract.id_column) for b in scan)
+        return _summary_of_ids(ids, snapshot_date, self.describe())
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
         expr = self._filter(snapshot_date, _next_day(snapshot_date))

@@ -21,7 +21,7 @@ from sqlalchemy.pool import NullPool
 
 from churn_batch import synthetic
 from churn_batch.config import Config, load_config
-from churn_batch.contract import check_batch, features_frame
+from churn_batch.contract import DUPLICATE_ID, check_batch, features_frame
 from churn_batch.registry import Registry
 from churn_batch.sinks import Sink
 from churn_batch.sources import open_source
@@ -102,6 +102,50 @@ def test_score_publishes_exactly_and_reruns_idempotently(
         statuses = [r["status"] for r in sink.runs(limit=10)]
         assert published(config, FIRST).num_rows > 500
     assert statuses == ["succeeded"] * 3
+
+
+def test_a_keyed_table_skips_the_repeat_scan_but_padded_ids_still_count_as_repeats(
+    template: Path, tmp_path: Path, namespace_url: str
+) -> None:
+    """The snapshot table's key (date, id) rules out stored repeats, so the run skips
+    looking for them; ' <id>' is another key value yet the same id once trimmed. The run
+    notices, starts over judging repeats on trimmed ids, and rejects both rows."""
+    config = server_project(template, tmp_path / "p", namespace_url, 600, 97)
+    source = open_source(config.source, config.contract)
+    assert source.summarize(LAST).as_stored
+    assert not source.summarize(LAST, cleaned_ids=True).as_stored
+
+    clean = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
+    assert clean.returncode == 0, clean.stderr
+    assert "starting the publication over" not in clean.stderr
+    before = published(config, LAST)
+
+    engine = sa.create_engine(namespace_url, poolclass=NullPool)
+    table = sa.Table("customer_snapshots", sa.MetaData(), autoload_with=engine)
+    victim = before["customer_id"][len(before) // 2].as_py()
+    with engine.begin() as conn:
+        row = (
+            conn.execute(
+                sa.select(table).where(table.c.snapshot_date == LAST, table.c.customer_id == victim)
+            )
+            .one()
+            ._asdict()
+        )
+        conn.execute(sa.insert(table).values({**row, "customer_id": " " + victim}))
+    engine.dispose()
+
+    padded = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
+    assert padded.returncode == 0, padded.stderr
+    assert "starting the publication over" in padded.stderr
+    after = published(config, LAST)
+    assert set(after["customer_id"].to_pylist()) == set(before["customer_id"].to_pylist()) - {
+        victim
+    }
+    with Sink(config.sink) as sink:
+        run = sink.runs(limit=1)[0]
+    assert run["status"] == "succeeded"
+    assert (run["rows_read"], run["rows_rejected"]) == (before.num_rows + 1, 2)
+    assert run["summary"]["rejected_reasons"] == {DUPLICATE_ID: 2}
 
 
 def test_sigkill_mid_write_leaves_previous_predictions(

@@ -352,6 +352,15 @@ def test_probabilities_and_ids_round_trip_exactly(
     assert dict(zip(got["customer_id"].to_pylist(), got["churn_probability"].to_pylist(),
                     strict=True)) == expected  # fmt: skip
     assert got["customer_id"].to_pylist() == sorted(ids, key=lambda s: s.encode())
+    # The constant columns too, whichever path wrote them (binary COPY on PostgreSQL).
+    p = sink.tables.predictions
+    engine = db.create_engine(sink.config.url)
+    with engine.connect() as conn:
+        query = sa.select(p.c.snapshot_date, p.c.model_version, p.c.run_id, p.c.scored_at)
+        assert set(conn.execute(query.distinct()).all()) == {(D1, "v1", "r1", T0)}
+    if engine.dialect.name == "postgresql":
+        assert sinks._prediction_writer(engine.dialect) is sinks._copy_predictions_psycopg
+    engine.dispose()
 
     # The portable executemany path (PostgreSQL normally takes COPY) is exact as well.
     monkeypatch.setattr(sinks, "_prediction_writer", lambda dialect: sinks._insert_predictions)
