@@ -72,9 +72,7 @@ def _calibrated(pipeline: Pipeline, x: Any, y: Any) -> CalibratedClassifierCV:
 FAMILIES = {
     "logistic": lambda x, y: logistic_pipeline(NUMERIC, CATEGORICAL).fit(x, y),
     "logistic+sigmoid": lambda x, y: _calibrated(logistic_pipeline(NUMERIC, CATEGORICAL), x, y),
-    "boosting": lambda x, y: boosting_pipeline(NUMERIC, CATEGORICAL, seed=0, max_iter=30).fit(
-        x, y
-    ),
+    "boosting": lambda x, y: boosting_pipeline(NUMERIC, CATEGORICAL, seed=0, max_iter=30).fit(x, y),
     "boosting+sigmoid": lambda x, y: _calibrated(
         boosting_pipeline(NUMERIC, CATEGORICAL, seed=0, max_iter=30), x, y
     ),
