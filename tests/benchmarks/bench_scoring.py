@@ -56,6 +56,7 @@ SOURCE_TABLE = "bench_snapshots"
 SINK_TABLE = "bench_predictions"
 NAIVE_TABLE = "bench_naive_out"
 FLOOR_TABLE = "bench_floor_out"
+QUIET_BUSY_SHARE = 0.15  # a case starts once the machine is at most this busy
 PG_URL_ENV = "CHURN_BENCH_PG_URL"  # the configs name it, so no URL (password) is on disk
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -969,6 +970,48 @@ def reset_outputs(bench: Bench, case: str) -> None:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("CHECKPOINT")
     engine.dispose()
+    wait_until_quiet(bench)
+
+
+def _busy_share(seconds: float) -> float:
+    """Share of all CPU time spent busy over `seconds` (from /proc/stat; 0 if unreadable)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except OSError:
+        return 0.0
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_until_quiet(bench: Bench, limit: float = 90.0) -> None:
+    """Untimed: let autovacuum finish with the previous case's million rows and the
+    machine fall idle, so no case pays for another's leftovers (seen: +50% wall)."""
+    deadline = time.monotonic() + limit
+    engine = bench.pg_engine() if bench.need_pg else None
+    try:
+        while time.monotonic() < deadline:
+            vacuuming = 0
+            if engine is not None:
+                with engine.connect() as conn:
+                    vacuuming = conn.exec_driver_sql(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE backend_type = 'autovacuum worker'"
+                    ).scalar_one()
+            if not vacuuming and _busy_share(0.5) < QUIET_BUSY_SHARE:
+                return
+            time.sleep(0.5)
+        print(f"  (machine still busy after {limit:.0f}s; running anyway)", flush=True)
+    finally:
+        if engine is not None:
+            engine.dispose()
 
 
 def verify(
