@@ -863,6 +863,7 @@ class Result:
     start_rss_mb: float
     load1: float
     phases: dict[str, float]
+    steal: float = 0.0  # share of CPU time stolen by the hypervisor during the case
     info: dict[str, Any]
     check: str = ""
     max_diff: float | None = None
@@ -895,6 +896,7 @@ def run_child(bench: Bench, spec: dict[str, Any], label: str) -> Result:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
     load1 = _load1()
     code = code_hash()
+    cpu_before = _cpu_times()
     started = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -917,6 +919,7 @@ def run_child(bench: Bench, spec: dict[str, Any], label: str) -> Result:
             raise
     process.returncode = os.waitstatus_to_exitcode(status)
     proc = time.perf_counter() - started
+    steal = _shares(cpu_before, _cpu_times())[1]
     if process.returncode != 0 or not result_path.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
         raise CaseFailed(
@@ -932,6 +935,7 @@ def run_child(bench: Bench, spec: dict[str, Any], label: str) -> Result:
         peak_rss_mb=data["peak_kib"] / MB,
         start_rss_mb=data["rss_start_kib"] / MB,
         load1=load1,
+        steal=steal,
         phases=data.get("phases", {}),
         info=data.get("info", {}),
         missing_timers=data.get("missing_timers", []),
@@ -973,22 +977,30 @@ def reset_outputs(bench: Bench, case: str) -> None:
     wait_until_quiet(bench)
 
 
-def _busy_share(seconds: float) -> float:
-    """Share of all CPU time spent busy over `seconds` (from /proc/stat; 0 if unreadable)."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields)
-
+def _cpu_times() -> list[int]:
+    """The machine's CPU counters from /proc/stat: user nice system idle iowait irq
+    softirq steal ... (all zeros where unreadable)."""
     try:
-        busy0, total0 = sample()
-        time.sleep(seconds)
-        busy1, total1 = sample()
+        with open("/proc/stat", encoding="ascii") as stat:
+            return [int(v) for v in stat.readline().split()[1:9]]
     except OSError:
-        return 0.0
-    return (busy1 - busy0) / max(total1 - total0, 1)
+        return [0] * 8
+
+
+def _shares(before: list[int], after: list[int]) -> tuple[float, float]:
+    """(busy, stolen) shares of the CPU time between two `_cpu_times` samples. Steal is
+    time the hypervisor gave this VM's CPUs to someone else: a case run under steal is
+    slower for reasons outside it, so the table reports it."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = max(sum(delta), 1)
+    busy = sum(delta[i] for i in (0, 1, 2, 5, 6))
+    return busy / total, delta[7] / total
+
+
+def _busy_share(seconds: float) -> float:
+    before = _cpu_times()
+    time.sleep(seconds)
+    return _shares(before, _cpu_times())[0]
 
 
 def wait_until_quiet(bench: Bench, limit: float = 90.0) -> None:
@@ -1137,7 +1149,7 @@ def print_table(results: Sequence[Result]) -> None:
     header = (
         f"{'case':<14}{'champion':<9}{'rows':>6}{'wall s':>8}{'rows/s':>8}{'peak MB':>8}"
         f"{'start MB':>9}{'arrow MB':>9}{'x naive':>8}{'x floor':>8}{'proc s':>7}{'load1':>6}"
-        "  check"
+        f"{'steal':>6}  check"
     )
     print(header)
     print("-" * len(header))
@@ -1149,7 +1161,7 @@ def print_table(results: Sequence[Result]) -> None:
             f"{_human(r.throughput):>8}{r.peak_rss_mb:>8.0f}{r.start_rss_mb:>9.0f}"
             f"{_fmt(r.arrow_peak_mb, '.0f'):>9}"
             f"{_fmt(vs_naive, '.1f', 'x'):>8}{_fmt(vs_floor, '.2f', 'x'):>8}"
-            f"{r.proc:>7.1f}{r.load1:>6.2f}  {r.check}{diff}"
+            f"{r.proc:>7.1f}{r.load1:>6.2f}{r.steal:>6.0%}  {r.check}{diff}"
         )
     versions: dict[str, list[str]] = defaultdict(list)
     for r in results:
@@ -1474,7 +1486,8 @@ def run_all_cases(
             results.append(result)
             print(
                 f"  {case:<13} {result.champion:<3} {result.wall:>7.2f}s "
-                f"{result.peak_rss_mb:>6.0f} MB  load {result.load1:.2f}  {result.check}",
+                f"{result.peak_rss_mb:>6.0f} MB  load {result.load1:.2f}  "
+                f"steal {result.steal:.0%}  {result.check}",
                 flush=True,
             )
     if args.profile and "score-pg" in args.cases:
