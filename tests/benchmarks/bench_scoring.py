@@ -863,8 +863,8 @@ class Result:
     start_rss_mb: float
     load1: float
     phases: dict[str, float]
-    steal: float = 0.0  # share of CPU time stolen by the hypervisor during the case
     info: dict[str, Any]
+    steal: float = 0.0  # share of CPU time stolen by the hypervisor during the case
     check: str = ""
     max_diff: float | None = None
     missing_timers: list[str] = field(default_factory=list)
