@@ -457,7 +457,12 @@ def _summary_of_ids(
     rows = sum(len(c) for c in chunks)
     if rows == 0:
         raise NoSnapshotRows(snapshot_date, where)
-    return SnapshotSummary(rows, _repeated_by_sorting(pa.chunked_array(chunks, pa.string())))
+    repeated = _repeated_by_sorting(pa.chunked_array(chunks, pa.string()))
+    del chunks
+    # Hand the ids' memory back to the system before the stream starts: the allocator
+    # would keep it, and the run's peak would be this pass's plus the stream's.
+    pa.default_memory_pool().release_unused()
+    return SnapshotSummary(rows, repeated)
 
 
 def _repeated_by_sorting(ids: pa.ChunkedArray) -> pa.Array:
@@ -583,6 +588,8 @@ class ParquetSource:
             use_threads=False,
             batch_readahead=1,
             fragment_readahead=1,
+            # Read a row group's columns when they are decoded, not the file's ahead.
+            fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False),
         )
 
     def _batches(self, expr: ds.Expression | None, columns: list[str]) -> Iterator[pa.RecordBatch]:
