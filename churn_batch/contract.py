@@ -259,25 +259,40 @@ def _numbers(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, int]:
 
 def as_dates(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
     """Any date-like column as date32, and a mask of rows whose date could be read."""
-    array = _plain(array)
-    kind = array.type
-    if pa.types.is_date32(kind):
-        values = array
-    elif pa.types.is_date(kind) or pa.types.is_timestamp(kind):
-        values = array.cast(pa.date32())
-    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        # ISO text, with or without a time part: the date is the first ten characters.
-        head = pc.utf8_slice_codeunits(pc.utf8_trim_whitespace(array.cast(pa.string())), 0, 10)
-        well_formed = pc.match_substring_regex(head, r"^\d{4}-\d{2}-\d{2}$")
-        parsed = pc.strptime(
-            pc.if_else(well_formed, head, None), "%Y-%m-%d", "s", error_is_null=True
-        )
-        # strptime rolls 2024-02-30 over into March; a real date formats back to itself.
-        exact = pc.equal(pc.strftime(parsed, "%Y-%m-%d"), head)
-        values = pc.if_else(exact, parsed, None).cast(pa.date32())
+    array = _combine(array)
+    if _is_text(array.type) or (
+        pa.types.is_dictionary(array.type) and _is_text(array.type.value_type)
+    ):
+        # Text dates (SQLite, CSV-born tables): parse each distinct value once. A
+        # snapshot holds one date, so a million rows cost one hash pass, not a million
+        # parses (4 s per million rows before).
+        encoded = array if pa.types.is_dictionary(array.type) else pc.dictionary_encode(array)
+        values = _iso_dates(encoded.dictionary).take(encoded.indices)
     else:
-        values = pa.nulls(len(array), pa.date32())
+        array = _plain(array)
+        kind = array.type
+        if pa.types.is_date32(kind):
+            values = array
+        elif pa.types.is_date(kind) or pa.types.is_timestamp(kind):
+            values = array.cast(pa.date32())
+        else:
+            values = pa.nulls(len(array), pa.date32())
     return values, pc.is_valid(values)
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def _iso_dates(text: pa.Array) -> pa.Array:
+    """ISO text, with or without a time part, as date32: the date is the first ten
+    characters; anything else is null."""
+    head = pc.utf8_slice_codeunits(pc.utf8_trim_whitespace(text.cast(pa.string())), 0, 10)
+    well_formed = pc.match_substring_regex(head, r"^\d{4}-\d{2}-\d{2}$")
+    parsed = pc.strptime(pc.if_else(well_formed, head, None), "%Y-%m-%d", "s", error_is_null=True)
+    # strptime rolls 2024-02-30 over into March; a real date formats back to itself.
+    exact = pc.equal(pc.strftime(parsed, "%Y-%m-%d"), head)
+    return pc.if_else(exact, parsed, None).cast(pa.date32())
 
 
 def _label(array: pa.ChunkedArray | pa.Array, positive: str | int | float | bool) -> pa.Array:

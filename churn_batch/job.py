@@ -27,7 +27,13 @@ from churn_batch.prefetch import prefetch
 from churn_batch.registry import LoadedModel, load_model
 from churn_batch.scoring import BatchScorer
 from churn_batch.sinks import Sink
-from churn_batch.sources import SnapshotSource, SnapshotSummary, open_source
+from churn_batch.sources import (
+    PortablePathNeeded,
+    SnapshotSource,
+    SnapshotSummary,
+    SqlSource,
+    open_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,21 +129,30 @@ def _publish(
         "scoring %s: %d rows from %s with model %s",
         outcome.snapshot_date, summary.rows, source.describe(), model.version,
     )  # fmt: skip
-    try:
-        _publish_once(config, outcome, sink, model, source, summary, allow_drift, progress,
-                      rejected_sample)  # fmt: skip
-    except _IdsChangedByCleaning:
-        # Rolled back. Rare (ids padded with whitespace): judge repeats on cleaned ids.
-        log.info(
-            "ids of %s change when trimmed, so repeats found among the stored ids may miss "
-            "some; looking for repeats among the trimmed ids and starting the publication over",
-            outcome.snapshot_date,
-        )
+    # Each restart below changes what the next attempt does, so none comes twice.
+    while True:
+        try:
+            _publish_once(config, outcome, sink, model, source, summary, allow_drift,
+                          progress, rejected_sample)  # fmt: skip
+            return
+        except _IdsChangedByCleaning:
+            # Rolled back. Rare (ids padded with whitespace): judge repeats on cleaned ids.
+            log.info(
+                "ids of %s change when trimmed, so repeats found among the stored ids may "
+                "miss some; looking for repeats among the trimmed ids and starting the "
+                "publication over",
+                outcome.snapshot_date,
+            )
+            summary = source.summarize(outcome.snapshot_date, cleaned_ids=True)
+        except PortablePathNeeded as exc:
+            # Rolled back. The fast reader met values it would read differently from the
+            # row path (SQLite columns mixing storage classes).
+            if not isinstance(source, SqlSource) or source.portable:
+                raise
+            log.info("%s; starting the publication over, reading row by row", exc)
+            source.use_portable_path()
         outcome.rows_read = outcome.rows_scored = outcome.rows_rejected = 0
         rejected_sample.clear()
-        summary = source.summarize(outcome.snapshot_date, cleaned_ids=True)
-        _publish_once(config, outcome, sink, model, source, summary, allow_drift, progress,
-                      rejected_sample)  # fmt: skip
 
 
 def _publish_once(

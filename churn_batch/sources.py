@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, NoSuchTableError
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import CompileError, DBAPIError, NoSuchTableError
 
 from churn_batch.config import ContractConfig, SourceConfig, redact_urls_in
 from churn_batch.contract import as_dates, as_strings, require_columns
@@ -96,6 +97,7 @@ class SqlSource:
         self.contract = contract
         self.engine = create_engine(config.url, must_exist=True)
         self._table: sa.Table | None = None
+        self._portable = False  # SQLite: rows through SQLAlchemy, not ADBC (see _stream)
 
     def describe(self) -> str:
         return self.config.describe()
@@ -232,7 +234,8 @@ class SqlSource:
         )
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
-        return self._stream(snapshot_date, _next_day(snapshot_date), self._needed_columns(False))
+        columns = self._needed_columns(False)
+        return self._stream(snapshot_date, _next_day(snapshot_date), columns, optimistic=True)
 
     def read_range(
         self, start: date | None, end: date | None, *, label: bool = True
@@ -264,20 +267,57 @@ class SqlSource:
         except DBAPIError as exc:
             raise ConfigError(f"query on {self.describe()} failed: {describe_error(exc)}") from None
 
+    @property
+    def portable(self) -> bool:
+        return self._portable
+
+    def use_portable_path(self) -> None:
+        """Read with SQLAlchemy rows from now on (after `PortablePathNeeded`)."""
+        self._portable = True
+
     def _stream(
-        self, lo: date | None, hi: date | None, columns: Sequence[str] | None
+        self,
+        lo: date | None,
+        hi: date | None,
+        columns: Sequence[str] | None,
+        *,
+        optimistic: bool = False,
     ) -> Iterator[pa.RecordBatch]:
+        """The rows in [lo, hi) by the fastest path that reads them as the row path would.
+
+        SQLite through ADBC needs each column to hold one storage class. `optimistic`
+        (the nightly read, whose caller can start over) skips the full pass that checks
+        it and relies on the guards in `_adbc_sqlite_stream` instead.
+        """
         dialect = self.engine.dialect.name
         if dialect == "postgresql" and _adbc_available("postgresql"):
             return _rebatch(self._adbc_stream(lo, hi, columns), self.config.batch_size)
         if (
             dialect == "sqlite"
             and columns is not None
+            and not self._portable
             and _adbc_available("sqlite")
-            and self._one_storage_class(lo, hi, columns)
+            and (optimistic or self._one_storage_class(lo, hi, columns))
         ):
-            return self._adbc_sqlite_stream(lo, hi, columns)
+            return self._sqlite_arrow_or_rows(lo, hi, columns)
         return self._rows_stream(self._selectable(lo, hi, columns))
+
+    def _sqlite_arrow_or_rows(
+        self, lo: date | None, hi: date | None, columns: Sequence[str]
+    ) -> Iterator[pa.RecordBatch]:
+        """ADBC batches; the row path instead if ADBC cannot read the first batch as the
+        row path would. Past the first batch that is the caller's `PortablePathNeeded`."""
+        started = False
+        try:
+            for batch in self._adbc_sqlite_stream(lo, hi, columns):
+                started = True
+                yield batch
+        except PortablePathNeeded as exc:
+            if started:
+                raise  # the caller starts over, after `use_portable_path`
+            self._portable = True
+            log.info("%s; reading %s row by row", exc, self.describe())
+            yield from self._rows_stream(self._selectable(lo, hi, columns))
 
     def _one_storage_class(self, lo: date | None, hi: date | None, columns: Sequence[str]) -> bool:
         """True when each column holds one SQLite storage class (besides NULL) in range.
@@ -307,6 +347,7 @@ class SqlSource:
         self, lo: date | None, hi: date | None, columns: Sequence[str]
     ) -> Iterator[pa.RecordBatch]:
         """SQLite rows straight into Arrow batches, the values bound as parameters."""
+        import adbc_driver_manager
         import adbc_driver_sqlite.dbapi as adbc
 
         compiled = self._selectable(lo, hi, columns).compile(dialect=self.engine.dialect)
@@ -318,6 +359,7 @@ class SqlSource:
             )
             value = compiled.params[name]
             params.append(process(value) if process else value)
+        expected = _sqlite_arrow_kinds(self._reflect(), columns, self.contract.date_column)
         conn = adbc.connect(str(self.engine.url.database))
         try:
             cursor = conn.cursor()
@@ -325,7 +367,22 @@ class SqlSource:
                 **{"adbc.sqlite.query.batch_rows": str(self.config.batch_size)}
             )
             cursor.execute(compiled.string, params)
-            yield from cursor.fetch_record_batch()
+            reader = cursor.fetch_record_batch()
+            # The driver types each column from the first batch's values: a text column
+            # typed as a number (or the reverse) would read differently from the row path.
+            for field in reader.schema:
+                allowed = expected.get(field.name, _any_type)
+                if not (allowed(field.type) or pa.types.is_null(field.type)):
+                    raise PortablePathNeeded(
+                        f"column {field.name} holds text where its declared type keeps numbers"
+                    )
+            try:
+                yield from reader
+            except (adbc_driver_manager.Error, OSError) as exc:  # the reader's, as OSError
+                if "type mismatch" not in str(exc).lower():
+                    raise
+                # A later value of another storage class: the driver stops, not converts.
+                raise PortablePathNeeded(f"a column mixes storage classes ({exc})") from None
             cursor.close()
         finally:
             conn.close()
@@ -401,6 +458,52 @@ class SqlSource:
 _SETTING_PREFIX = "churn_batch."
 # How SQLAlchemy's text() finds a bound parameter; used to swap :snapshot_date.
 _BIND = re.compile(r"(?<![:\w\\]):snapshot_date\b(?!:)")
+
+
+_SQLITE_DIALECT = sqlite_dialect.dialect()
+
+
+class PortablePathNeeded(Exception):
+    """The fast (Arrow) read cannot give these rows as the portable row path would.
+
+    Raised after some batches were already handed out: the caller calls
+    `SqlSource.use_portable_path` and starts over.
+    """
+
+
+def _sqlite_arrow_kinds(
+    table: sa.Table, columns: Sequence[str], date_column: str
+) -> dict[str, Callable[[pa.DataType], bool]]:
+    """Per column, the Arrow types ADBC may give it and still read every value exactly.
+
+    ADBC types a column from its first batch, then stops with a type mismatch at a later
+    value of another storage class, EXCEPT in a column it typed as text: there it turns
+    numbers into text, reals as '%e' with 7 digits. So a column may come as text only
+    where SQLite cannot hold numbers in it: TEXT affinity (a declared type containing
+    CHAR, CLOB or TEXT, and not INT: SQLite's own rules) converts them to text on
+    insert. The date column may come as text anyway: a number there is no date on
+    either path.
+    """
+    kinds: dict[str, Callable[[pa.DataType], bool]] = {}
+    for name in columns:
+        try:
+            declared = str(table.columns[name].type.compile(dialect=_SQLITE_DIALECT)).upper()
+        except CompileError:  # a type SQLAlchemy does not know: not TEXT affinity
+            declared = ""
+        text_affinity = "INT" not in declared and any(
+            word in declared for word in ("CHAR", "CLOB", "TEXT")
+        )
+        if name != date_column and not text_affinity:
+            kinds[name] = _is_number
+    return kinds
+
+
+def _any_type(kind: pa.DataType) -> bool:
+    return True
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
 
 
 def _setting(name: str, kind: sa.types.TypeEngine[Any]) -> Any:

@@ -109,6 +109,40 @@ def test_published_probability_is_predict_proba(
     assert gap <= 1e-9
 
 
+def test_a_column_mixing_storage_classes_restarts_on_the_row_path(
+    template: Path, tmp_path: Path
+) -> None:
+    """The Arrow reader stops at a blank among the numbers of a later batch: the run
+    rolls back, starts over reading rows, and publishes what the row path reads."""
+    config = copy_project(template, tmp_path / "p")
+    write_config(config.path.parent, batch_size=50)
+    ids = [r[0] for r in sqlite3.connect(db(config)).execute(
+        "SELECT customer_id FROM customer_snapshots WHERE snapshot_date = ? "
+        "ORDER BY rowid", (LAST.isoformat(),))]  # fmt: skip
+    sql(config, "UPDATE customer_snapshots SET monthly_charges = ' ' "
+        "WHERE snapshot_date = ? AND customer_id = ?", (LAST.isoformat(), ids[200]))  # fmt: skip
+    code, output = score(config, "--date", LAST.isoformat())
+    assert code == 0, output
+    assert "starting the publication over, reading row by row" in output
+    rows = predictions(db(config), LAST)
+    assert len(rows) == len(ids)  # the blank is a missing number, scored like one
+    (run,) = run_rows(config)
+    assert run["rows_read"] == run["rows_scored"] == len(ids)
+    summary = run["summary"]
+    assert isinstance(summary, dict)
+    assert summary["invalid_numbers"] == {"monthly_charges": 1}
+
+    model = Registry(config.model.registry, config.model.name).load("champion")
+    source = open_source(config.source, config.contract)
+    source.use_portable_path()  # type: ignore[attr-defined]
+    # Batch by batch: the row path types each batch on its own.
+    valid = pa.concat_tables([check_batch(b, config.contract).valid for b in source.read(LAST)])
+    expected = dict(zip(valid["customer_id"].to_pylist(),
+                        model.predict_proba(features_frame(valid, config.contract)),
+                        strict=True))  # fmt: skip
+    assert max(abs(r[2] - expected[r[1]]) for r in rows) <= 1e-9
+
+
 def test_exit_2_usage_and_config(project: Config, tmp_path: Path) -> None:
     code, output = score(project, "--date", "2024-13-01")
     assert (code, output.strip()) == (

@@ -358,11 +358,16 @@ def test_probabilities_and_ids_round_trip_exactly(
     with engine.connect() as conn:
         query = sa.select(p.c.snapshot_date, p.c.model_version, p.c.run_id, p.c.scored_at)
         assert set(conn.execute(query.distinct()).all()) == {(D1, "v1", "r1", T0)}
-    if engine.dialect.name == "postgresql":
-        assert sinks._prediction_writer(engine.dialect) is sinks._copy_predictions_psycopg
+    fast_path = {
+        "postgresql": sinks._copy_predictions_psycopg,
+        "sqlite": sinks._insert_predictions_sqlite,  # 3,008 rows: full and partial statements
+    }
+    assert sinks._prediction_writer(engine.dialect) is fast_path.get(
+        engine.dialect.name, sinks._insert_predictions
+    )
     engine.dispose()
 
-    # The portable executemany path (PostgreSQL normally takes COPY) is exact as well.
+    # The portable executemany path (PostgreSQL and SQLite normally take theirs) is exact too.
     monkeypatch.setattr(sinks, "_prediction_writer", lambda dialect: sinks._insert_predictions)
     publish(sink, D2, batch(ids[:50], probabilities[:50]), "r2")
     again = sink.predictions(D2)
