@@ -1222,13 +1222,15 @@ def print_targets(results: Sequence[Result], rows: Sequence[int]) -> bool:
     speedup("score-pg", "lr", TARGET_PG_SPEEDUP_LR, "LR PG->PG >= 10x naive throughput")
     for champion in ("lr", "gb"):
         r, floor = _find(results, "score-pg", champion, at), floor_of(results, at)
+        # The issue sets this target for logistic regression; for boosting it is shown.
         title = f"{champion.upper()} PG->PG end-to-end <= 1.5x I/O floor"
         if r is None or floor is None:
             lines.append(("n/a", title + note, "needs score-pg and a floor case"))
             continue
         ratio = r.wall / floor.wall
         detail = f"{ratio:.2f}x ({r.wall:.1f}s vs {floor.case} {floor.wall:.1f}s)"
-        lines.append(("PASS" if ratio <= TARGET_FLOOR_RATIO else "FAIL", title + note, detail))
+        verdict = "PASS" if ratio <= TARGET_FLOOR_RATIO else "FAIL"
+        lines.append((verdict if champion == "lr" else "info", title + note, detail))
     scored = [r for r in results if r.case in SCORE_CASES]
     if scored:
         worst = max(scored, key=lambda r: r.peak_rss_mb)
@@ -1257,6 +1259,16 @@ def print_targets(results: Sequence[Result], rows: Sequence[int]) -> bool:
     else:
         lines.append(("n/a", "RSS flat 1M -> 5M", "run with --rows 1000000,5000000"))
     speedup("score-pg", "gb", TARGET_PG_SPEEDUP_GB, "GB PG->PG >= 5x naive throughput")
+    naive_gb, score_gb = _find(results, "naive-pg", "gb", at), _find(results, "score-pg", "gb", at)
+    if naive_gb is not None and score_gb is not None:
+        # What bounds the boosting cases: scikit-learn's tree predictor, in both.
+        predict = naive_gb.phases.get("predict_proba", math.nan)
+        scoring = score_gb.phases.get("scoring", math.nan)
+        lines.append((
+            "info", "GB: the tree predictor",
+            f"naive predict_proba {predict:.1f}s of {naive_gb.wall:.1f}s; score-pg scoring "
+            f"{scoring:.1f}s of {score_gb.wall:.1f}s (5x naive = {naive_gb.wall / 5:.1f}s)",
+        ))  # fmt: skip
     for champion in ("lr", "gb"):
         speedup(
             "score-sqlite", champion, TARGET_SQLITE_SPEEDUP,
