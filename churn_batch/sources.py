@@ -560,17 +560,22 @@ def _summary_of_ids(
     rows = sum(len(c) for c in chunks)
     if rows == 0:
         raise NoSnapshotRows(snapshot_date, where)
-    repeated = _repeated_by_sorting(pa.chunked_array(chunks, pa.string()))
+    # Sorting needs a third of a hash table's memory. At the peak: the ids, their sort
+    # indices and one sorted copy; each is let go as soon as the next step has it.
+    ids = pa.concat_arrays(chunks)
     del chunks
+    ordered = ids.take(pc.sort_indices(ids))
+    del ids
+    repeated = _adjacent_repeats(ordered)
+    del ordered
     # Hand the ids' memory back to the system before the stream starts: the allocator
     # would keep it, and the run's peak would be this pass's plus the stream's.
     pa.default_memory_pool().release_unused()
     return SnapshotSummary(rows, repeated)
 
 
-def _repeated_by_sorting(ids: pa.ChunkedArray) -> pa.Array:
-    """Ids that occur more than once. Sorting needs a third of a hash table's memory."""
-    ordered = ids.take(pc.sort_indices(ids)).combine_chunks()
+def _adjacent_repeats(ordered: pa.Array) -> pa.Array:
+    """The values of a sorted array that occur more than once."""
     if len(ordered) < 2:
         return pa.array([], pa.string())
     same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
