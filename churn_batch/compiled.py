@@ -31,8 +31,10 @@ from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
 
 ArrowScorer = Callable[[pa.Table], np.ndarray[Any, Any]]
 
-# Rows encoded and scored at a time: 25k rows x ~50 encoded columns is ~10 MB.
-SLICE_ROWS = 25_000
+# Bytes of encoded matrix scored at a time (rows per slice follow from its width): the
+# one-hot matrix of 50 columns gets ~40k rows, a boosting model's 20 ordinal columns
+# ~100k (scikit-learn's tree predictor is a third slower on 25k-row slices).
+SLICE_BYTES = 16 * 2**20
 
 
 class _Levels:
@@ -78,6 +80,12 @@ class ArrowFeatures(BaseEstimator, TransformerMixin):  # type: ignore[misc]
         self.maps = [_Levels(c, missing_as) for c in encoder.categories_]
         self.widths = [len(c) for c in encoder.categories_]
 
+    @property
+    def width(self) -> int:
+        """Columns of the encoded matrix, at most (numbers may add missing flags)."""
+        levels = sum(self.widths) if self.kind == "onehot" else len(self.widths)
+        return 2 * len(self.numeric) + levels
+
     def __sklearn_is_fitted__(self) -> bool:
         return True
 
@@ -116,22 +124,27 @@ def compile_scorer(
     pipelines = _pipelines(compiled)
     if not pipelines:
         return None
+    features_steps = []
     for pipeline in pipelines:
         name, step = pipeline.steps[0]
         features = _arrow_features(step, numeric, categorical)
         if features is None:
             return None
         pipeline.steps[0] = (name, features)
+        features_steps.append(features)
     classes = list(compiled.classes_)
     if 1 not in classes:
         return None
     positive = classes.index(1)
 
+    width = max(f.width for f in features_steps)
+
     def score(table: pa.Table) -> np.ndarray[Any, Any]:
         # In slices: the encoded matrix of a slice is all the memory scoring adds.
+        rows = max(1, SLICE_BYTES // (8 * width))
         parts = [
-            np.asarray(compiled.predict_proba(table.slice(start, SLICE_ROWS))[:, positive])
-            for start in range(0, table.num_rows, SLICE_ROWS)
+            np.asarray(compiled.predict_proba(table.slice(start, rows))[:, positive])
+            for start in range(0, table.num_rows, rows)
         ]
         return np.concatenate(parts).astype(np.float64, copy=False) if parts else np.empty(0)
 

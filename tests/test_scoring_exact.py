@@ -95,7 +95,7 @@ def test_published_probabilities_equal_predict_proba(
         "thresholds": {"high": 0.6, "medium": 0.3},
     }
     model = LoadedModel(version="v1", card=card, pipeline=estimator)
-    monkeypatch.setattr(compiled, "SLICE_ROWS", 333)  # several slices per batch
+    monkeypatch.setattr(compiled, "SLICE_BYTES", 333 * 8 * 50)  # several slices per batch
     scorer = BatchScorer(model, CONTRACT)
     assert scorer.path == ("compiled" if family in COMPILED else "pipeline")
 
