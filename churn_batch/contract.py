@@ -319,7 +319,7 @@ def _canonical(value: str | bool) -> str:
 def _rewritten(raw: pa.ChunkedArray | pa.Array, ids: pa.Array) -> int:
     """How many string ids `as_strings` changed (trimming only shortens them)."""
     plain = _plain(raw)
-    if not (pa.types.is_string(plain.type) or pa.types.is_large_string(plain.type)):
+    if not _is_text(plain.type):
         return 0  # numbers print one way each; nothing to merge
     changed = pc.not_equal(pc.utf8_length(plain), pc.utf8_length(ids))
     return int(pc.sum(pc.fill_null(changed, False)).as_py() or 0)

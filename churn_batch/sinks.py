@@ -618,9 +618,7 @@ def _insert_predictions_sqlite(
     preparer = dialect.identifier_preparer
     varying = rows.column_names
     names = [*constants, *varying]
-    processors = {
-        name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-    }
+    processors = _bind_processors(table, names, dialect)
     fixed = [_processed(processors[name], value) for name, value in constants.items()]
 
     def statement(n: int) -> str:
@@ -687,9 +685,7 @@ def _insert_chunks(
         # Bind names differ from column names (unusual identifiers): the slower safe path.
         _insert_chunks_via_core(conn, table, constants, rows)
         return
-    processors = {
-        name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
-    }
+    processors = _bind_processors(table, names, dialect)
     fixed = {name: _processed(processors[name], value) for name, value in constants.items()}
     for start in range(0, rows.num_rows, CHUNK_ROWS):
         chunk = rows.slice(start, CHUNK_ROWS)
@@ -720,6 +716,15 @@ def _insert_chunks_via_core(
             for values in zip(*columns, strict=True)
         ]
         conn.execute(statement, params)
+
+
+def _bind_processors(
+    table: sa.Table, names: Sequence[str], dialect: Dialect
+) -> dict[str, Callable[[Any], Any] | None]:
+    """Per column, the function SQLAlchemy applies to a value before binding it."""
+    return {
+        name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+    }
 
 
 def _processed(processor: Callable[[Any], Any] | None, value: Any) -> Any:
