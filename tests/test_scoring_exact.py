@@ -96,6 +96,7 @@ def test_published_probabilities_equal_predict_proba(
     }
     model = LoadedModel(version="v1", card=card, pipeline=estimator)
     monkeypatch.setattr(compiled, "SLICE_BYTES", 333 * 8 * 50)  # several slices per batch
+    binned = _count_tree_bins(monkeypatch)
     scorer = BatchScorer(model, CONTRACT)
     assert scorer.path == ("compiled" if family in COMPILED else "pipeline")
 
@@ -107,3 +108,63 @@ def test_published_probabilities_equal_predict_proba(
     assert scorer.path == ("compiled" if family in COMPILED else "pipeline"), "kept after check"
     assert got.shape == expected.shape
     assert np.max(np.abs(got - expected)) <= 1e-9
+    # Boosting's trees were walked on bins (each slice of each scored batch), and the
+    # registered model itself was left scoring raw values.
+    assert (binned[0] > 0) == (family in {"boosting", "boosting+sigmoid"})
+    assert not any(hasattr(c, "_in_fit") for c in _classifiers(estimator))
+
+
+def test_trees_on_bins_match_at_the_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers exactly on a split's threshold and one ulp either side: where a value's
+    bin and its float comparison would part if the binning were off by one."""
+    x, y = _training_rows()
+    estimator = boosting_pipeline(NUMERIC, CATEGORICAL, seed=0, max_iter=30).fit(x, y)
+    classifier = estimator.steps[-1][1]
+    splits: dict[int, list[float]] = {}
+    for (tree,) in classifier._predictors:
+        for node in tree.nodes:
+            if not node["is_leaf"] and not node["is_categorical"]:
+                splits.setdefault(int(node["feature_idx"]), []).append(float(node["num_threshold"]))
+    # The classifier sees the categorical columns first, then the numbers in order.
+    position = {len(CATEGORICAL) + i: name for i, name in enumerate(NUMERIC)}
+    table = synthetic.generate_snapshot(4_000, DAY, seed=13).drop_columns(["churned"])
+    columns = {name: table[name].to_pylist() for name in table.column_names}
+    rng = np.random.default_rng(8)
+    for feature, thresholds in splits.items():
+        name = position[feature]
+        values = [np.nextafter(v, d) for v in thresholds for d in (-np.inf, v, np.inf)]
+        rows = rng.choice(table.num_rows, len(values), replace=False)
+        for i, value in zip(rows, values, strict=True):
+            columns[name][i] = float(value)
+    batch = pa.table({k: pa.array(v) for k, v in columns.items()})
+    checked = check_batch(batch, CONTRACT).valid
+    assert checked.num_rows == 4_000
+    card = {
+        "contract": {"numeric": list(NUMERIC), "categorical": list(CATEGORICAL)},
+        "thresholds": {"high": 0.6, "medium": 0.3},
+    }
+    model = LoadedModel(version="v1", card=card, pipeline=estimator)
+    binned = _count_tree_bins(monkeypatch)
+    scorer = BatchScorer(model, CONTRACT)
+    got = scorer.score(checked)["churn_probability"].to_numpy()
+    expected = model.predict_proba(features_frame(checked, CONTRACT))
+    assert binned[0] > 0 and scorer.path == "compiled"
+    assert np.array_equal(got, expected)
+
+
+def _count_tree_bins(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    transform = compiled._TreeBins.transform
+
+    def counted(self: Any, matrix: Any) -> Any:
+        calls[0] += 1
+        return transform(self, matrix)
+
+    monkeypatch.setattr(compiled._TreeBins, "transform", counted)
+    return calls
+
+
+def _classifiers(estimator: Any) -> list[Any]:
+    if isinstance(estimator, CalibratedClassifierCV):
+        return [c.estimator.steps[-1][1] for c in estimator.calibrated_classifiers_]
+    return [estimator.steps[-1][1]]
