@@ -7,11 +7,8 @@ Here each batch's categorical columns are mapped to level indices by Arrow
 with numpy. Everything after the encoding (scaler, imputer, classifier, calibration)
 is the fitted estimator itself, unchanged, so the probabilities are the same numbers.
 
-Gradient boosting gets one more step: its trees are walked on the 1-byte bins the
-classifier was trained on instead of on float64 values (`_TreeBins`). The trees store
-both thresholds, and a value <= the float threshold exactly when its bin <= the bin
-threshold, so the leaves reached are the same; the bytes are an eighth of the memory
-each of the hundreds of tree passes reads, which makes the walk about 1.8x faster.
+Gradient boosting goes one step further: the batch goes straight to the 1-byte bins
+its trees were grown on, and the trees are walked on those (`treebins`).
 
 `compile_scorer` returns None for a structure it does not know; the caller then keeps
 the plain pipeline. The first batch is always checked against the plain pipeline.
@@ -31,10 +28,11 @@ import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
+
+from churn_batch.treebins import tree_bins
 
 ArrowScorer = Callable[[pa.Table], np.ndarray[Any, Any]]
 
@@ -137,11 +135,9 @@ def compile_scorer(
         features = _arrow_features(step, numeric, categorical)
         if features is None:
             return None
-        pipeline.steps[0] = (name, features)
+        bins = tree_bins(features, pipeline.steps[-1][1])
+        pipeline.steps[0] = (name, features if bins is None else bins)
         features_steps.append(features)
-        classifier = pipeline.steps[-1][1]
-        if features.kind == "ordinal" and _walks_bins(classifier):
-            pipeline.steps.insert(1, ("tree_bins", _TreeBins(classifier)))
     classes = list(compiled.classes_)
     if 1 not in classes:
         return None
@@ -159,43 +155,6 @@ def compile_scorer(
         return np.concatenate(parts).astype(np.float64, copy=False) if parts else np.empty(0)
 
     return score
-
-
-class _TreeBins(BaseEstimator, TransformerMixin):  # type: ignore[misc]
-    """The classifier's own input preprocessing and binning, done as a pipeline step.
-
-    The classifier after it is switched to reading bins: scikit-learn's flag for
-    scoring its training bins during fit (`_in_fit`), under which `_raw_predict` walks
-    `predict_binned` with the same trees, baseline and summation order.
-    """
-
-    def __init__(self, classifier: HistGradientBoostingClassifier) -> None:
-        self.classifier = classifier
-        classifier._in_fit = True  # this copy only scores bins from now on
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return True
-
-    def fit(self, matrix: Any, y: Any = None) -> _TreeBins:  # pragma: no cover - never refit
-        raise TypeError("a compiled scorer is for scoring only")
-
-    def transform(self, matrix: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        values = self.classifier._preprocess_X(matrix, reset=False)
-        return np.asarray(self.classifier._bin_mapper.transform(values))
-
-
-def _walks_bins(classifier: Any) -> bool:
-    """Whether a fitted classifier has the internals `_TreeBins` relies on.
-
-    A scikit-learn that changed them is caught here, or at worst by the first batch's
-    comparison with the plain pipeline, which then keeps the pipeline.
-    """
-    return (
-        isinstance(classifier, HistGradientBoostingClassifier)
-        and not hasattr(classifier, "_in_fit")
-        and callable(getattr(classifier, "_preprocess_X", None))
-        and callable(getattr(getattr(classifier, "_bin_mapper", None), "transform", None))
-    )
 
 
 def _pipelines(estimator: Any) -> list[Pipeline]:

@@ -13,7 +13,7 @@ import pytest
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.pipeline import Pipeline
 
-from churn_batch import compiled, synthetic
+from churn_batch import compiled, synthetic, treebins
 from churn_batch.config import ContractConfig
 from churn_batch.contract import LABEL, check_batch, features_frame
 from churn_batch.model import boosting_pipeline, logistic_pipeline
@@ -154,13 +154,13 @@ def test_trees_on_bins_match_at_the_thresholds(monkeypatch: pytest.MonkeyPatch) 
 
 def _count_tree_bins(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
-    transform = compiled._TreeBins.transform
+    transform = treebins.ArrowTreeBins.transform
 
     def counted(self: Any, matrix: Any) -> Any:
         calls[0] += 1
         return transform(self, matrix)
 
-    monkeypatch.setattr(compiled._TreeBins, "transform", counted)
+    monkeypatch.setattr(treebins.ArrowTreeBins, "transform", counted)
     return calls
 
 
