@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy.exc import SQLAlchemyError
 
-from churn_batch.config import Config
-from churn_batch.contract import check_batch, enforce_invalid_fraction, reason_counts
+from churn_batch.config import Config, ContractConfig
+from churn_batch.contract import CheckedBatch, check_batch, enforce_invalid_fraction, reason_counts
 from churn_batch.errors import ChurnBatchError, DriftBlocked
 from churn_batch.monitoring import DriftMonitor, Level, gate
 from churn_batch.prefetch import prefetch
@@ -174,11 +174,8 @@ def _publish_once(
     sampled = 0
     scored_at = _now()
     with sink.publication(outcome.snapshot_date, outcome.run_id, model.version, scored_at) as pub:
-        for batch in prefetch(source.read(outcome.snapshot_date)):
-            checked = check_batch(
-                batch, contract, duplicate_ids=summary.duplicate_ids,
-                known_levels=monitor.known_levels,
-            )  # fmt: skip
+        batches = source.read(outcome.snapshot_date)
+        for checked in prefetch(_checked(batches, contract, summary, monitor.known_levels)):
             if summary.as_stored and checked.ids_rewritten:
                 raise _IdsChangedByCleaning
             predictions = scorer.score(checked.valid)
@@ -239,6 +236,29 @@ def _publish_once(
         "published %d predictions for %s (%d rejected)",
         outcome.rows_scored, outcome.snapshot_date, outcome.rows_rejected,
     )  # fmt: skip
+
+
+def _checked(
+    batches: Iterator[pa.RecordBatch],
+    contract: ContractConfig,
+    summary: SnapshotSummary,
+    known_levels: Mapping[str, Collection[str]],
+) -> Iterator[CheckedBatch]:
+    """Each batch checked against the contract, on the read-ahead thread.
+
+    Checking is Arrow compute, which releases the GIL: done beside the reading, it
+    overlaps the scoring of the batch before (boosting's scoring alone fills the main
+    thread). The batches' source is closed with this generator.
+    """
+    try:
+        for batch in batches:
+            yield check_batch(
+                batch, contract, duplicate_ids=summary.duplicate_ids, known_levels=known_levels
+            )
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _record_failure(

@@ -314,7 +314,8 @@ def _wait_for_running(config: Config, timeout: float = 60) -> None:
 
 def test_sigkill_mid_write_leaves_previous_predictions(template: Path, tmp_path: Path) -> None:
     config = copy_project(template, tmp_path / "p")
-    write_config(config.path.parent, batch_size=50)
+    # Small batches: the run must outlast the second CLI's start (~3 s of imports).
+    write_config(config.path.parent, batch_size=20)
     assert score(config, "--date", LAST.isoformat())[0] == 0
     before = predictions(db(config))
     _big_snapshot(config, LAST, 30)
