@@ -608,6 +608,23 @@ def _rows_to_batch(names: list[str], rows: Sequence[Any]) -> pa.RecordBatch:
 # -- Parquet -----------------------------------------------------------------------
 
 
+def _rows_in(
+    batch: pa.RecordBatch, dates: pa.Array, bounds: list[tuple[str, pa.Scalar]]
+) -> pa.RecordBatch:
+    """The rows whose date is within `bounds` (a null date is not).
+
+    Compared with Arrow compute, not by filtering on the dataset expression: that runs
+    an Acero plan per batch, which held ~40 MB more memory over a 1M-row read.
+    """
+    mask: Any = None
+    for op, scalar in bounds:
+        part = pc.greater_equal(dates, scalar) if op == "ge" else pc.less(dates, scalar)
+        mask = part if mask is None else pc.and_(mask, part)
+    if mask is None or pc.all(mask, skip_nulls=False).as_py() is True:
+        return batch  # a file of the one date: nothing to copy
+    return batch.filter(mask)
+
+
 class ParquetSource:
     """A file, a directory of files, or hive-partitioned `snapshot_date=YYYY-MM-DD/`."""
 
@@ -643,10 +660,10 @@ class ParquetSource:
                 raise MissingColumns([self.contract.date_column], present)
         return self._dataset
 
-    def _filter(self, lo: date | None, hi: date | None) -> ds.Expression | None:
+    def _bounds(self, lo: date | None, hi: date | None) -> list[tuple[str, pa.Scalar]]:
+        """[lo, hi) as ("ge" | "lt", value) pairs typed like the dataset's date column."""
         kind = self.dataset.schema.field(self.contract.date_column).type
-        field = ds.field(self.contract.date_column)
-        expr: ds.Expression | None = None
+        bounds = []
         for value, op in ((lo, "ge"), (hi, "lt")):
             if value is None:
                 continue
@@ -656,6 +673,13 @@ class ParquetSource:
                 scalar = pa.scalar(value, kind)
             else:
                 scalar = pa.scalar(value.isoformat(), pa.string())
+            bounds.append((op, scalar))
+        return bounds
+
+    def _filter(self, bounds: list[tuple[str, pa.Scalar]]) -> ds.Expression | None:
+        field = ds.field(self.contract.date_column)
+        expr: ds.Expression | None = None
+        for op, scalar in bounds:
             part = field >= scalar if op == "ge" else field < scalar
             expr = part if expr is None else expr & part
         return expr
@@ -665,20 +689,20 @@ class ParquetSource:
 
     def summarize(self, snapshot_date: date, *, cleaned_ids: bool = False) -> SnapshotSummary:
         # Always judged on cleaned ids: there is no database to ask, nor keys to trust.
-        expr = self._filter(snapshot_date, _next_day(snapshot_date))
-        batches = self._batches(expr, [self.contract.id_column])
+        bounds = self._bounds(snapshot_date, _next_day(snapshot_date))
+        batches = self._batches(bounds, [self.contract.id_column])
         ids = (b.column(self.contract.id_column) for b in batches)
         return _summary_of_ids(ids, snapshot_date, self.describe())
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
-        expr = self._filter(snapshot_date, _next_day(snapshot_date))
-        return self._batches(expr, self._columns(False))
+        bounds = self._bounds(snapshot_date, _next_day(snapshot_date))
+        return self._batches(bounds, self._columns(False))
 
     def read_range(
         self, start: date | None, end: date | None, *, label: bool = True
     ) -> Iterator[pa.RecordBatch]:
         hi = _next_day(end) if end is not None else None
-        return self._batches(self._filter(start, hi), self._columns(label))
+        return self._batches(self._bounds(start, hi), self._columns(label))
 
     def dates(self) -> list[date]:
 
@@ -701,7 +725,9 @@ class ParquetSource:
             fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False),
         )
 
-    def _batches(self, expr: ds.Expression | None, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    def _batches(
+        self, bounds: list[tuple[str, pa.Scalar]], columns: list[str]
+    ) -> Iterator[pa.RecordBatch]:
         """The rows matching `expr`, `batch_size` at a time, file by file.
 
         Not the dataset scanner: it decodes a whole row group before cutting it into
@@ -710,22 +736,28 @@ class ParquetSource:
         still finds the files, prunes hive partitions and row groups by their
         statistics, and gives the schema every file is cast to, as its scanner would.
         """
+        expr = self._filter(bounds)
         for fragment in self.dataset.get_fragments(filter=expr):
             # Row groups are pruned on the date's statistics where the file holds the
             # date; a hive partition's date is in its path, already matched above.
             stats = expr if self.contract.date_column in fragment.physical_schema.names else None
             groups = [g.id for part in fragment.split_by_row_group(stats) for g in part.row_groups]
             if groups:
-                yield from self._fragment_batches(fragment, groups, expr, columns)
+                yield from self._fragment_batches(fragment, groups, bounds, columns)
 
     def _fragment_batches(
-        self, fragment: Any, groups: list[int], expr: ds.Expression | None, columns: list[str]
+        self,
+        fragment: Any,
+        groups: list[int],
+        bounds: list[tuple[str, pa.Scalar]],
+        columns: list[str],
     ) -> Iterator[pa.RecordBatch]:
-        schema = self.dataset.schema
+        schema, date_column = self.dataset.schema, self.contract.date_column
         # Hive partition values are in the path, not the file: added as constant columns.
         keys = ds.get_partition_keys(fragment.partition_expression)
-        needed = [*columns, *([self.contract.date_column] if expr is not None else [])]
-        needed = list(dict.fromkeys(needed))
+        # A hive partition of the date matched the bounds already: every row is in them.
+        bounds = [] if date_column in keys else bounds
+        needed = list(dict.fromkeys([*columns, *([date_column] if bounds else [])]))
         in_file = [c for c in needed if c not in keys]
         categorical = [c for c in in_file if c in self.contract.categorical]
         # A column chunk is read 256 KiB at a time, not whole (its compressed bytes).
@@ -746,7 +778,7 @@ class ParquetSource:
                         column = batch.column(name)
                         arrays.append(column if column.type == kind else column.cast(kind))
                 table = pa.record_batch(arrays, names=needed)
-                if expr is not None:
-                    table = table.filter(expr)
+                if bounds:
+                    table = _rows_in(table, table.column(date_column), bounds)
                 if table.num_rows:
                     yield table.select(columns)

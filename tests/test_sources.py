@@ -202,6 +202,20 @@ def test_parquet_files_of_other_types_arrive_as_the_dataset_schema(tmp_path: Pat
     assert charges.to_pylist()[-7:] == [7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0]
 
 
+def test_parquet_rows_of_other_dates_or_none_are_left_out(tmp_path: Path) -> None:
+    table = arrow_rows()
+    dates = table["snapshot_date"].to_pylist()
+    dates[1] = None  # a D1 row without a date belongs to no date
+    pq.write_table(table.set_column(1, "snapshot_date", pa.array(dates, pa.date32())),
+                   tmp_path / "snap.parquet", row_group_size=5)  # fmt: skip
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path, batch_size=4), CONTRACT)
+    read = pa.Table.from_batches(list(source.read(D1)))
+    assert read.num_rows == 7
+    assert set(read["snapshot_date"].to_pylist()) == {D1}
+    assert sum(b.num_rows for b in source.read(D3)) == 3
+    assert sum(b.num_rows for b in source.read_range(None, None)) == 16
+
+
 def test_parquet_hive_partitions_prune_other_dates(tmp_path: Path) -> None:
     table = arrow_rows()
     for day in (D1, D2, D3):
