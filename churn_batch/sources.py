@@ -548,31 +548,45 @@ def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Record
             yield batch.slice(offset, size)
 
 
+# Ids taken in sorted order at a time when looking for repeats (about 2 MB of them).
+REPEAT_STRETCH = 100_000
+
+
 def _summary_of_ids(
     columns: Iterable[pa.Array], snapshot_date: date, where: str
 ) -> SnapshotSummary:
     """Count ids and find repeats among them cleaned as the contract cleans them.
 
     Only the id column is read, batch by batch. Memory grows with the number of ids
-    (about 60 bytes each, sorting included): unlike the rest of a run, not bounded by
-    the batch size.
+    (about 30 bytes each, the sort's indices included): unlike the rest of a run, not
+    bounded by the batch size.
     """
     chunks = [_ids_as_strings(column) for column in columns if len(column)]
     rows = sum(len(c) for c in chunks)
     if rows == 0:
         raise NoSnapshotRows(snapshot_date, where)
     # Sorting needs a third of a hash table's memory. At the peak: the ids, their sort
-    # indices and one sorted copy; each is let go as soon as the next step has it.
+    # indices and one stretch of the ids in sorted order (not a whole sorted copy).
     ids = pa.concat_arrays(chunks)
     del chunks
-    ordered = ids.take(pc.sort_indices(ids))
+    repeated = _repeats_in_order(ids, pc.sort_indices(ids))
     del ids
-    repeated = _adjacent_repeats(ordered)
-    del ordered
     # Hand the ids' memory back to the system before the stream starts: the allocator
     # would keep it, and the run's peak would be this pass's plus the stream's.
     pa.default_memory_pool().release_unused()
     return SnapshotSummary(rows, repeated)
+
+
+def _repeats_in_order(values: pa.Array, order: pa.Array) -> pa.Array:
+    """The values occurring more than once, walking them in sorted `order` a stretch of
+    REPEAT_STRETCH at a time; each stretch starts on the last value of the one before,
+    so a repeat across two stretches is seen."""
+    found = []
+    for start in range(0, len(order), REPEAT_STRETCH):
+        first = max(start - 1, 0)
+        stretch = values.take(order.slice(first, start + REPEAT_STRETCH - first))
+        found.append(_adjacent_repeats(stretch))
+    return pc.unique(pa.concat_arrays(found)) if found else pa.array([], pa.string())
 
 
 def _adjacent_repeats(ordered: pa.Array) -> pa.Array:

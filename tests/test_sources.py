@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from datetime import date, datetime
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
+from churn_batch import sources
 from churn_batch.config import ContractConfig, SourceConfig
 from churn_batch.contract import check_batch
 from churn_batch.errors import ConfigError, MissingColumns, NoSnapshotRows, StorageUnavailable
@@ -103,6 +106,22 @@ def test_sql_query_binds_snapshot_date(any_db_url: str, table_name: str) -> None
     assert summary.duplicate_ids.to_pylist() == []
     ids = [i for b in source.read(D2) for i in b.column("customer_id").to_pylist()]
     assert sorted(ids) == ["c0", "c1", "c2", "c3"]
+
+
+@pytest.mark.parametrize("stretch", [1, 2, 3, 7, 1000])
+def test_repeats_found_across_stretches_of_the_sorted_ids(
+    stretch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "REPEAT_STRETCH", stretch)
+    rng = random.Random(stretch)
+    ids = [f"c{rng.randrange(40)}" for _ in range(60)] + [" c5 ", "c5"]
+    batches = [pa.array(ids[i : i + 9]) for i in range(0, len(ids), 9)]
+    summary = sources._summary_of_ids(batches, D1, "test")
+    counts = Counter(i.strip() for i in ids)
+    assert summary.rows == len(ids)
+    assert sorted(summary.duplicate_ids.to_pylist()) == sorted(
+        i for i, n in counts.items() if n > 1
+    )
 
 
 @pytest.mark.parametrize("date_type", [sa.Date(), sa.DateTime()], ids=["DATE", "TIMESTAMP"])
