@@ -129,7 +129,7 @@ def compile_scorer(
     pipelines = _pipelines(compiled)
     if not pipelines:
         return None
-    features_steps = []
+    width = 0  # of the widest encoded matrix: it sets the rows per slice
     for pipeline in pipelines:
         name, step = pipeline.steps[0]
         features = _arrow_features(step, numeric, categorical)
@@ -137,13 +137,11 @@ def compile_scorer(
             return None
         bins = tree_bins(features, pipeline.steps[-1][1])
         pipeline.steps[0] = (name, features if bins is None else bins)
-        features_steps.append(features)
+        width = max(width, features.width)
     classes = list(compiled.classes_)
     if 1 not in classes:
         return None
     positive = classes.index(1)
-
-    width = max(f.width for f in features_steps)
 
     def score(table: pa.Table) -> np.ndarray[Any, Any]:
         # In slices: the encoded matrix of a slice is all the memory scoring adds.

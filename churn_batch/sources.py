@@ -316,7 +316,7 @@ class SqlSource:
         except PortablePathNeeded as exc:
             if started:
                 raise  # the caller starts over, after `use_portable_path`
-            self._portable = True
+            self.use_portable_path()
             log.info("%s; reading %s row by row", exc, self.describe())
             yield from self._rows_stream(self._selectable(lo, hi, columns))
 
@@ -719,30 +719,15 @@ class ParquetSource:
         return self._batches(self._bounds(start, hi), self._columns(label))
 
     def dates(self) -> list[date]:
-
-        column = self._scan(None, [self.contract.date_column]).to_table()[self.contract.date_column]
-        values, ok = as_dates(column)
+        # The one column, whole: a date per row is small next to a batch of features.
+        column = self.dataset.to_table(columns=[self.contract.date_column])
+        values, ok = as_dates(column[self.contract.date_column])
         return sorted(set(pc.unique(values.filter(ok)).to_pylist()))
-
-    def _scan(self, expr: ds.Expression | None, columns: list[str]) -> ds.Scanner:
-        # Pull-based: Arrow's threaded scanner reads ahead of a slow consumer (and this
-        # consumer scores every batch), so its memory grew with the snapshot. The
-        # read-ahead thread in `prefetch` gives the overlap instead.
-        return self.dataset.scanner(
-            columns=columns,
-            filter=expr,
-            batch_size=self.config.batch_size,
-            use_threads=False,
-            batch_readahead=1,
-            fragment_readahead=1,
-            # Read a row group's columns when they are decoded, not the file's ahead.
-            fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False),
-        )
 
     def _batches(
         self, bounds: list[tuple[str, pa.Scalar]], columns: list[str]
     ) -> Iterator[pa.RecordBatch]:
-        """The rows matching `expr`, `batch_size` at a time, file by file.
+        """The rows with a date within `bounds`, `batch_size` at a time, file by file.
 
         Not the dataset scanner: it decodes a whole row group before cutting it into
         batches (a 1M-row group held ~110 MB of Arrow memory, and a bigger group more).
