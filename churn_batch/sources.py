@@ -27,7 +27,13 @@ from sqlalchemy.exc import CompileError, DBAPIError, NoSuchTableError
 from churn_batch.config import ContractConfig, SourceConfig, redact_urls_in
 from churn_batch.contract import as_dates, as_strings, require_columns
 from churn_batch.db import create_engine, describe_error, retrying
-from churn_batch.errors import ConfigError, MissingColumns, NoSnapshotRows, StorageUnavailable
+from churn_batch.errors import (
+    ConfigError,
+    ContractViolation,
+    MissingColumns,
+    NoSnapshotRows,
+    StorageUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -639,6 +645,19 @@ def _rows_in(
     return batch.filter(mask)
 
 
+def _as_type(column: pa.Array, kind: pa.DataType, name: str, path: str) -> pa.Array:
+    """A file's column as the dataset's type (the first file's), as its scanner would."""
+    if column.type == kind:
+        return column
+    try:
+        return column.cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ContractViolation(
+            f"Parquet file {path}: column {name} is {column.type} and does not read as "
+            f"{kind}, its type in the source's other files ({exc})"
+        ) from None
+
+
 class ParquetSource:
     """A file, a directory of files, or hive-partitioned `snapshot_date=YYYY-MM-DD/`."""
 
@@ -774,8 +793,7 @@ class ParquetSource:
                     if name in keys:
                         arrays.append(pa.repeat(pa.scalar(keys[name], kind), batch.num_rows))
                     else:
-                        column = batch.column(name)
-                        arrays.append(column if column.type == kind else column.cast(kind))
+                        arrays.append(_as_type(batch.column(name), kind, name, fragment.path))
                 table = pa.record_batch(arrays, names=needed)
                 if bounds:
                     table = _rows_in(table, table.column(date_column), bounds)

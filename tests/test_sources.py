@@ -16,7 +16,13 @@ from sqlalchemy.pool import NullPool
 from churn_batch import sources
 from churn_batch.config import ContractConfig, SourceConfig
 from churn_batch.contract import check_batch
-from churn_batch.errors import ConfigError, MissingColumns, NoSnapshotRows, StorageUnavailable
+from churn_batch.errors import (
+    ConfigError,
+    ContractViolation,
+    MissingColumns,
+    NoSnapshotRows,
+    StorageUnavailable,
+)
 from churn_batch.sources import PortablePathNeeded, SqlSource, open_source
 
 CONTRACT = ContractConfig(
@@ -219,6 +225,16 @@ def test_parquet_files_of_other_types_arrive_as_the_dataset_schema(tmp_path: Pat
     assert sum(b.num_rows for b in batches) == 16
     charges = pa.concat_tables(pa.Table.from_batches([b]) for b in batches)["charges"]
     assert charges.to_pylist()[-7:] == [7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0]
+
+
+def test_parquet_file_whose_column_cannot_take_the_dataset_type_is_named(tmp_path: Path) -> None:
+    table = arrow_rows()
+    pq.write_table(table.slice(0, 9), tmp_path / "a.parquet")
+    later = table.slice(9).set_column(2, "charges", pa.array(["n/a"] * 7))
+    pq.write_table(later, tmp_path / "b.parquet")  # text where a.parquet has doubles
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path, batch_size=3), CONTRACT)
+    with pytest.raises(ContractViolation, match=r"b\.parquet: column charges is string .* double"):
+        list(source.read_range(D1, D3))
 
 
 def test_parquet_rows_of_other_dates_or_none_are_left_out(tmp_path: Path) -> None:
