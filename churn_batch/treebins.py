@@ -17,8 +17,10 @@ and the classifier's encoders (~0.8 s per million rows):
 
 The classifier (the compiled scorer's private copy) then scores bins through
 scikit-learn's flag for scoring training bins during fit (`_in_fit`): `_raw_predict`
-walks `predict_binned` with the same trees, baseline and summation order. These are
-scikit-learn internals; `tree_bins` checks for them, and the first batch of every run
+adds the trees' values to the same baseline in the same order, each tree's leaf found
+by `treewalk`'s leaf masks (or, for a model they do not cover, by `predict_binned`).
+These are scikit-learn
+internals; `tree_bins` checks for them, and the first batch of every run
 is compared with the plain pipeline, which is kept if the two ever differ.
 """
 
@@ -32,6 +34,8 @@ import pyarrow as pa
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.preprocessing import FunctionTransformer
+
+from churn_batch.treewalk import leaf_mask_walk
 
 if TYPE_CHECKING:
     from churn_batch.compiled import ArrowFeatures
@@ -105,6 +109,9 @@ def tree_bins(features: ArrowFeatures, classifier: Any) -> ArrowTreeBins | None:
             width = widths[source - n_numeric]
             tables[column] = np.append(probed[:width, column], probed[most, column])
     classifier._in_fit = True  # this copy only scores bins from now on
+    walk = leaf_mask_walk(classifier)
+    if walk is not None:  # the trees walked by leaf masks rather than node by node
+        classifier._predict_iterations = walk
     return ArrowTreeBins(features, mapper, sources, tables)
 
 

@@ -13,7 +13,7 @@ import pytest
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.pipeline import Pipeline
 
-from churn_batch import compiled, synthetic, treebins
+from churn_batch import compiled, synthetic, treebins, treewalk
 from churn_batch.config import ContractConfig
 from churn_batch.contract import LABEL, check_batch, features_frame
 from churn_batch.model import boosting_pipeline, logistic_pipeline
@@ -108,9 +108,10 @@ def test_published_probabilities_equal_predict_proba(
     assert scorer.path == ("compiled" if family in COMPILED else "pipeline"), "kept after check"
     assert got.shape == expected.shape
     assert np.max(np.abs(got - expected)) <= 1e-9
-    # Boosting's trees were walked on bins (each slice of each scored batch), and the
-    # registered model itself was left scoring raw values.
+    # Boosting's trees were walked on bins by leaf masks (each slice of each scored
+    # batch), and the registered model itself was left scoring raw values.
     assert (binned[0] > 0) == (family in {"boosting", "boosting+sigmoid"})
+    assert binned[1] == binned[0]
     assert not any(hasattr(c, "_in_fit") for c in _classifiers(estimator))
 
 
@@ -148,19 +149,26 @@ def test_trees_on_bins_match_at_the_thresholds(monkeypatch: pytest.MonkeyPatch) 
     scorer = BatchScorer(model, CONTRACT)
     got = scorer.score(checked)["churn_probability"].to_numpy()
     expected = model.predict_proba(features_frame(checked, CONTRACT))
-    assert binned[0] > 0 and scorer.path == "compiled"
+    assert binned[0] > 0 and binned[1] == binned[0] and scorer.path == "compiled"
     assert np.array_equal(got, expected)
 
 
 def _count_tree_bins(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls = [0]
+    """Calls of the bins step, and of the leaf-mask walk on bins."""
+    calls = [0, 0]
     transform = treebins.ArrowTreeBins.transform
+    walk = treewalk.LeafMaskWalk.__call__
 
     def counted(self: Any, matrix: Any) -> Any:
         calls[0] += 1
         return transform(self, matrix)
 
+    def walked(self: Any, x: Any, *args: Any) -> None:
+        calls[1] += x.dtype == np.uint8
+        walk(self, x, *args)
+
     monkeypatch.setattr(treebins.ArrowTreeBins, "transform", counted)
+    monkeypatch.setattr(treewalk.LeafMaskWalk, "__call__", walked)
     return calls
 
 

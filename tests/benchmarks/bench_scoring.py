@@ -1427,7 +1427,8 @@ def code_hash() -> str:
 
     digest = hashlib.sha256()
     package = ROOT / "churn_batch"
-    for path in sorted(package.rglob("*.py")):
+    sources = [*package.rglob("*.py"), *package.rglob("*.pyx")]  # .pyx: the compiled walk
+    for path in sorted(sources):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -1442,7 +1443,7 @@ def code_version() -> str:
     changed = git("status", "--porcelain", "--", "churn_batch").splitlines()
     return (
         f"git HEAD {git('rev-parse', '--short', 'HEAD')} + {len(changed)} uncommitted file(s) "
-        f"in churn_batch/; churn_batch/*.py sha256 {code_hash()}"
+        f"in churn_batch/; churn_batch/*.py,*.pyx sha256 {code_hash()}"
     )
 
 
