@@ -132,7 +132,8 @@ class SqlSource:
                     key="source.query",
                 )
             if via_settings:
-                setting = f"CAST(current_setting('{_SETTING_PREFIX}lo') AS DATE)"
+                # A subquery, read once per query (see `_setting`).
+                setting = f"(SELECT CAST(current_setting('{_SETTING_PREFIX}lo') AS DATE))"
                 return sa.text(_BIND.sub(lambda _: setting, self.config.query))
             return sa.text(self.config.query).bindparams(
                 sa.bindparam("snapshot_date", lo, type_=sa.Date())
@@ -514,9 +515,13 @@ def _is_number(kind: pa.DataType) -> bool:
 
 
 def _setting(name: str, kind: sa.types.TypeEngine[Any]) -> Any:
-    """The session setting `name`, cast to the date column's type (see _adbc_stream)."""
+    """The session setting `name`, cast to the date column's type (see _adbc_stream).
+
+    As a scalar subquery: PostgreSQL then reads it once per query (an InitPlan) rather
+    than once per row of a sequential scan, which made the read 3x slower on the server.
+    """
     expr = sa.func.current_setting(sa.literal_column(f"'{_SETTING_PREFIX}{name}'"))
-    return sa.cast(expr, kind)
+    return sa.select(sa.cast(expr, kind)).scalar_subquery()
 
 
 def _date_type(column_type: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:

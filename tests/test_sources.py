@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 from collections import Counter
 from datetime import date, datetime
 from pathlib import Path
@@ -112,6 +113,42 @@ def test_sql_query_binds_snapshot_date(any_db_url: str, table_name: str) -> None
     assert summary.duplicate_ids.to_pylist() == []
     ids = [i for b in source.read(D2) for i in b.column("customer_id").to_pylist()]
     assert sorted(ids) == ["c0", "c1", "c2", "c3"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("layout", ["table", "query"])
+def test_postgres_reads_the_date_settings_once_per_query(postgres_url: str, layout: str) -> None:
+    """The ADBC read takes its dates from session settings; evaluated per row in a
+    sequential scan's filter, they made the server's side of the read 3x slower."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    fill(postgres_url, name, sa.Date())
+    query = f"SELECT * FROM {name} WHERE snapshot_date = :snapshot_date"
+    config = SourceConfig(
+        kind="sql", url=postgres_url, **({"table": name} if layout == "table" else {"query": query})
+    )
+    source = SqlSource(config, CONTRACT)
+    sql = str(
+        source._selectable(D1, D2, None, via_settings=True).compile(
+            dialect=sources._numeric_dollar_dialect()
+        )
+    )
+    engine = sa.create_engine(postgres_url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET enable_indexscan = off")  # the plan of a big date
+            conn.exec_driver_sql("SET enable_bitmapscan = off")
+            conn.exec_driver_sql("SELECT set_config('churn_batch.lo', '2024-05-01', true)")
+            conn.exec_driver_sql("SELECT set_config('churn_batch.hi', '2024-05-02', true)")
+            plan = [row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}")]
+            assert len(conn.exec_driver_sql(sql).fetchall()) == 8
+        ids = sorted(i for b in source.read(D1) for i in b.column("customer_id").to_pylist())
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {name}")
+        engine.dispose()
+    assert any("Seq Scan" in line for line in plan)
+    assert not [line for line in plan if "Filter" in line and "current_setting" in line], plan
+    assert ids == sorted(["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c0"])
 
 
 @pytest.mark.parametrize("stretch", [1, 2, 3, 7, 1000])
