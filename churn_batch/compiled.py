@@ -8,7 +8,9 @@ with numpy. Everything after the encoding (scaler, imputer, classifier, calibrat
 is the fitted estimator itself, unchanged, so the probabilities are the same numbers.
 
 Gradient boosting goes one step further: the batch goes straight to the 1-byte bins
-its trees were grown on, and the trees are walked on those (`treebins`).
+its trees were grown on, and the trees are walked on those (`treebins`). So does
+logistic regression: no one-hot matrix at all, each level's weight is looked up
+(`linear`).
 
 `compile_scorer` returns None for a structure it does not know; the caller then keeps
 the plain pipeline. The first batch is always checked against the plain pipeline.
@@ -32,6 +34,7 @@ from sklearn.impute import SimpleImputer
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder
 
+from churn_batch.linear import ArrowLinearParts, gathered_logistic
 from churn_batch.treebins import tree_bins
 
 ArrowScorer = Callable[[pa.Table], np.ndarray[Any, Any]]
@@ -97,7 +100,8 @@ class ArrowFeatures(BaseEstimator, TransformerMixin):  # type: ignore[misc]
     def fit(self, table: Any, y: Any = None) -> ArrowFeatures:  # pragma: no cover - never refit
         raise TypeError("a compiled scorer is for scoring only")
 
-    def transform(self, table: pa.Table) -> Any:
+    def parts(self, table: pa.Table) -> tuple[np.ndarray[Any, Any], list[np.ndarray[Any, Any]]]:
+        """The numeric branch's output, and each categorical column's level indices."""
         numbers = pd.DataFrame(
             {name: table[name].to_numpy(zero_copy_only=False) for name in self.numeric},
             columns=self.numeric,
@@ -109,16 +113,20 @@ class ArrowFeatures(BaseEstimator, TransformerMixin):  # type: ignore[misc]
         codes = [
             m.indices(table[name]) for m, name in zip(self.maps, self.categorical, strict=True)
         ]
+        return np.asarray(numeric, np.float64), codes
+
+    def transform(self, table: pa.Table) -> Any:
+        numeric, codes = self.parts(table)
         if self.kind == "ordinal":
             ordinal = (
-                np.column_stack(codes).astype(np.float64) if codes else np.empty((len(numbers), 0))
+                np.column_stack(codes).astype(np.float64) if codes else np.empty((len(numeric), 0))
             )
             ordinal[ordinal < 0] = np.nan
-            return np.hstack([np.asarray(numeric, np.float64), ordinal])
+            return np.hstack([numeric, ordinal])
         if self.fitted.sparse_output_:
             onehot = _one_hot(codes, self.widths, table.num_rows)
             return sp.hstack([sp.csr_matrix(numeric), onehot], format="csr")
-        return _dense_one_hot(np.asarray(numeric, np.float64), codes, self.widths)
+        return _dense_one_hot(numeric, codes, self.widths)
 
 
 def compile_scorer(
@@ -135,8 +143,14 @@ def compile_scorer(
         features = _arrow_features(step, numeric, categorical)
         if features is None:
             return None
-        bins = tree_bins(features, pipeline.steps[-1][1])
-        pipeline.steps[0] = (name, features if bins is None else bins)
+        classifier = pipeline.steps[-1]
+        bins = tree_bins(features, classifier[1])
+        gathered = gathered_logistic(features, classifier[1]) if len(pipeline.steps) == 2 else None
+        if gathered is not None:  # levels' weights looked up, no one-hot matrix
+            pipeline.steps[0] = (name, ArrowLinearParts(features))
+            pipeline.steps[-1] = (classifier[0], gathered)
+        else:
+            pipeline.steps[0] = (name, features if bins is None else bins)
         width = max(width, features.width)
     classes = list(compiled.classes_)
     if 1 not in classes:

@@ -13,7 +13,7 @@ import pytest
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.pipeline import Pipeline
 
-from churn_batch import compiled, synthetic, treebins, treewalk
+from churn_batch import compiled, linear, synthetic, treebins, treewalk
 from churn_batch.config import ContractConfig
 from churn_batch.contract import LABEL, check_batch, features_frame
 from churn_batch.model import boosting_pipeline, logistic_pipeline
@@ -96,7 +96,7 @@ def test_published_probabilities_equal_predict_proba(
     }
     model = LoadedModel(version="v1", card=card, pipeline=estimator)
     monkeypatch.setattr(compiled, "SLICE_BYTES", 333 * 8 * 50)  # several slices per batch
-    binned = _count_tree_bins(monkeypatch)
+    binned = _count_fast_paths(monkeypatch)
     scorer = BatchScorer(model, CONTRACT)
     assert scorer.path == ("compiled" if family in COMPILED else "pipeline")
 
@@ -112,6 +112,8 @@ def test_published_probabilities_equal_predict_proba(
     # batch), and the registered model itself was left scoring raw values.
     assert (binned[0] > 0) == (family in {"boosting", "boosting+sigmoid"})
     assert binned[1] == binned[0]
+    # Logistic regression looked its levels' weights up instead (each slice).
+    assert (binned[2] > 0) == (family in {"logistic", "logistic+sigmoid"})
     assert not any(hasattr(c, "_in_fit") for c in _classifiers(estimator))
 
 
@@ -145,7 +147,7 @@ def test_trees_on_bins_match_at_the_thresholds(monkeypatch: pytest.MonkeyPatch) 
         "thresholds": {"high": 0.6, "medium": 0.3},
     }
     model = LoadedModel(version="v1", card=card, pipeline=estimator)
-    binned = _count_tree_bins(monkeypatch)
+    binned = _count_fast_paths(monkeypatch)
     scorer = BatchScorer(model, CONTRACT)
     got = scorer.score(checked)["churn_probability"].to_numpy()
     expected = model.predict_proba(features_frame(checked, CONTRACT))
@@ -153,9 +155,9 @@ def test_trees_on_bins_match_at_the_thresholds(monkeypatch: pytest.MonkeyPatch) 
     assert np.array_equal(got, expected)
 
 
-def _count_tree_bins(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Calls of the bins step, and of the leaf-mask walk on bins."""
-    calls = [0, 0]
+def _count_fast_paths(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls of the bins step, of the leaf-mask walk on bins, of the weights lookup."""
+    calls = [0, 0, 0]
     transform = treebins.ArrowTreeBins.transform
     walk = treewalk.LeafMaskWalk.__call__
 
@@ -169,6 +171,13 @@ def _count_tree_bins(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(treebins.ArrowTreeBins, "transform", counted)
     monkeypatch.setattr(treewalk.LeafMaskWalk, "__call__", walked)
+    decide = linear.GatheredLogistic.decision_function
+
+    def gathered(self: Any, parts: Any) -> Any:
+        calls[2] += 1
+        return decide(self, parts)
+
+    monkeypatch.setattr(linear.GatheredLogistic, "decision_function", gathered)
     return calls
 
 
