@@ -39,10 +39,17 @@ def add_trees(
     cdef uint64_t bit, de_bruijn = DE_BRUIJN
     cdef const uint8_t* column_bins
     cdef const uint64_t* mask
+    if trees < 0:
+        raise ValueError("add_trees: offsets needs a first 0")
     if raw.shape[0] != rows or values.shape[0] != trees or values.shape[1] != 64:
         raise ValueError("add_trees: bins, values and raw do not agree")
     if masks.shape[0] and masks.shape[1] != 256:
         raise ValueError("add_trees: a mask row needs one mask per bin value")
+    if features.shape[0] != masks.shape[0] or offsets[0] != 0 or offsets[trees] != masks.shape[0]:
+        raise ValueError("add_trees: offsets, features and masks do not agree")
+    for tree in range(trees):
+        if offsets[tree] > offsets[tree + 1]:
+            raise ValueError("add_trees: offsets must not decrease")
     for s in range(features.shape[0]):
         if not 0 <= features[s] < columns:
             raise ValueError("add_trees: a mask row's bin column is out of range")

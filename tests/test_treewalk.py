@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 
+from churn_batch._treekernel import add_trees
 from churn_batch.treewalk import MAX_LEAVES, LeafMaskWalk, leaf_mask_walk
 
 
@@ -77,6 +78,29 @@ def test_installed_walk_scores_bins_and_leaves_raw_values_to_sklearn() -> None:
     assert np.array_equal(classifier._raw_predict(x), expected_raw)  # not binned: sklearn's
     classifier._in_fit = True
     assert np.array_equal(classifier._raw_predict(bins), expected_raw)
+
+
+def test_the_compiled_loop_refuses_tables_that_do_not_agree() -> None:
+    """It runs without bounds checks, so it checks its arguments' shapes first."""
+    bins = np.zeros((3, 2), np.uint8)
+    masks = np.full((2, 256), 2**64 - 1, np.uint64)
+    values = np.zeros((1, 64))
+    good = (np.array([0, 2]), np.array([0, 1]), masks, values)
+    raw = np.zeros(3)
+    add_trees(bins, *good, raw)  # all leaves possible: leaf 0, value 0
+    assert np.array_equal(raw, np.zeros(3))
+    bad = [
+        (np.array([], np.int64), *good[1:]),  # no first 0
+        (np.array([0, 3]), *good[1:]),  # past the last mask row
+        (np.array([0, 2, 1]), good[1], masks, np.zeros((2, 64))),  # decreasing
+        (good[0], np.array([0, 2]), masks, values),  # no bin column 2
+        (*good[:3], np.zeros((1, 32))),  # 32 leaf slots
+    ]
+    for args in bad:
+        with pytest.raises(ValueError, match="add_trees"):
+            add_trees(bins, *args, raw)
+    with pytest.raises(ValueError, match="add_trees"):
+        add_trees(bins, *good, np.zeros(4))
 
 
 def test_unsupported_models_keep_sklearns_walk() -> None:
