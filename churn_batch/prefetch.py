@@ -2,7 +2,8 @@
 
 Arrow, the database drivers and numpy release the GIL for most of their work, so on
 two cores the next batch is being read while this one is scored and written. At most
-`depth` batches wait in the queue: memory stays bounded by the batch size.
+`depth` batches wait in the queue: memory stays bounded by the batch size. Stages chain:
+the job reads on one thread and checks on another.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ T = TypeVar("T")
 _DONE = object()
 
 
-def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """Yield `items` in order while a thread produces up to `depth` ahead.
+def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch") -> Iterator[T]:
+    """Yield `items` in order while a thread (`name`) produces up to `depth` ahead.
 
     An exception in the producer is re-raised in the consumer; if the consumer stops
     early (an error downstream), the producer is told to stop and the source closed.
@@ -45,7 +46,7 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             if close is not None:
                 close()
 
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while True:

@@ -178,7 +178,8 @@ def _libpq_uri(url: str) -> str:
 class Phases:
     """Seconds spent per phase, accumulated by wrapped functions and iterators.
 
-    Phases in `background` ran on another thread (read-ahead), overlapping the others.
+    Phases in `background` ran on one of the job's other threads (read, check),
+    overlapping the others.
     """
 
     def __init__(self) -> None:
@@ -190,11 +191,7 @@ class Phases:
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            # A phase the job runs on its read-ahead thread overlaps the main thread's.
-            key = name
-            if threading.current_thread() is not threading.main_thread():
-                key = f"{name} (read-ahead thread)"
-                self.background.add(key)
+            key = self.key(name)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -202,6 +199,15 @@ class Phases:
                 self.seconds[key] += time.perf_counter() - start
 
         return timed
+
+    def key(self, name: str) -> str:
+        """A phase run on one of the job's other threads overlaps the main thread's."""
+        thread = threading.current_thread()
+        if thread is threading.main_thread():
+            return name
+        key = f"{name} ({thread.name} thread)"
+        self.background.add(key)
+        return key
 
     def iterate(self, name: str, items: Any) -> Iterator[Any]:
         iterator = iter(items)
@@ -213,7 +219,7 @@ class Phases:
                 except StopIteration:
                     return
                 finally:
-                    self.seconds[name] += time.perf_counter() - start
+                    self.seconds[self.key(name)] += time.perf_counter() - start
                 yield item
         finally:
             close = getattr(iterator, "close", None)
@@ -265,9 +271,8 @@ def _instrument_job(phases: Phases) -> None:
 
         setattr(publication, "finish_run", finish_run)  # noqa: B010
     read_ahead = callable(getattr(job, "prefetch", None))
-    read_phase = "read (read-ahead thread)" if read_ahead else "read"
+    read_phase = "read"  # on the job's read thread: "read (read thread)"
     if read_ahead:
-        phases.background.add(read_phase)
         prefetch = getattr(job, "prefetch")  # noqa: B009 (job does not export it)
 
         def waiting(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -1192,7 +1197,7 @@ PHASE_ORDER += ("contract", "scoring", "monitoring", "write", "commit+close")
 def print_phases(results: Sequence[Result]) -> None:
     print(
         "\nwhere the time goes (seconds, share of wall; 'other' = wall - the phases on the "
-        "main thread; [overlapped] ran on the read-ahead thread at the same time):"
+        "main thread; [overlapped] ran on the read or check thread at the same time):"
     )
     for r in results:
         if not r.phases:
