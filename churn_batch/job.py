@@ -179,7 +179,7 @@ def _publish_once(
         # Reading waits on the server most; the check beside it took a fifth of the wall.
         batches = prefetch(source.read(outcome.snapshot_date), depth=1, name="read")
         checked_batches = _checked(batches, contract, summary, monitor.known_levels)
-        for checked in prefetch(checked_batches, name="check"):
+        for checked in prefetch(checked_batches, depth=1, name="check"):
             if summary.as_stored and checked.ids_rewritten:
                 raise _IdsChangedByCleaning
             predictions = scorer.score(checked.valid)
