@@ -151,6 +151,52 @@ def test_postgres_reads_the_date_settings_once_per_query(postgres_url: str, layo
     assert ids == sorted(["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c0"])
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("days", [1, 40])
+def test_postgres_plans_the_read_of_a_day_by_how_much_of_the_table_a_day_is(
+    postgres_url: str, days: int
+) -> None:
+    """A table holding one date is scanned in order; one of many dates through the key."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(postgres_url, poolclass=NullPool)
+    table = sa.Table(
+        name, sa.MetaData(),
+        sa.Column("snapshot_date", sa.Date, primary_key=True),
+        sa.Column("customer_id", sa.String(20), primary_key=True),
+        sa.Column("charges", sa.Float), sa.Column("plan", sa.String(10)),
+    )  # fmt: skip
+    first = date(2024, 1, 1)
+    per_day = 20_000 // days
+    try:
+        with engine.begin() as conn:
+            table.create(conn)
+            conn.execute(
+                table.insert(),
+                [{"snapshot_date": date.fromordinal(first.toordinal() + d),
+                  "customer_id": f"c{i}", "charges": 1.0, "plan": "basic"}
+                 for d in range(days) for i in range(per_day)],
+            )  # fmt: skip
+            conn.exec_driver_sql(f"ANALYZE {name}")
+        source = SqlSource(SourceConfig(kind="sql", url=postgres_url, table=name), CONTRACT)
+        sql = str(
+            source._selectable(first, sources._next_day(first), None, via_settings=True).compile(
+                dialect=sources._numeric_dollar_dialect()
+            )
+        )
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"SELECT set_config('churn_batch.lo', '{first}', true)")
+            after = sources._next_day(first)
+            conn.exec_driver_sql(f"SELECT set_config('churn_batch.hi', '{after}', true)")
+            plan = [r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}")]
+            assert len(conn.exec_driver_sql(sql).fetchall()) == per_day
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+        engine.dispose()
+    assert ("Seq Scan" in plan[0]) == (days == 1), plan
+    assert not [line for line in plan if "Filter" in line and "current_setting" in line], plan
+
+
 @pytest.mark.parametrize("stretch", [1, 2, 3, 7, 1000])
 def test_repeats_found_across_stretches_of_the_sorted_ids(
     stretch: int, monkeypatch: pytest.MonkeyPatch
