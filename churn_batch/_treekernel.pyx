@@ -53,7 +53,8 @@ def add_trees(
     for s in range(features.shape[0]):
         if not 0 <= features[s] < columns:
             raise ValueError("add_trees: a mask row's bin column is out of range")
-    # Laid out column by column, so a mask row's lookups read consecutive bytes.
+    # Laid out column by column, so a mask row's lookups read consecutive bytes (+ 1:
+    # no malloc(0), which may give NULL, for a model without columns).
     cdef uint8_t* block = <uint8_t*> malloc(columns * BLOCK * sizeof(uint8_t) + 1)
     cdef uint64_t* left = <uint64_t*> malloc(BLOCK * sizeof(uint64_t))
     if block == NULL or left == NULL:

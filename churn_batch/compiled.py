@@ -143,13 +143,13 @@ def compile_scorer(
         features = _arrow_features(step, numeric, categorical)
         if features is None:
             return None
-        classifier = pipeline.steps[-1]
-        bins = tree_bins(features, classifier[1])
-        gathered = gathered_logistic(features, classifier[1]) if len(pipeline.steps) == 2 else None
+        last, classifier = pipeline.steps[-1]
+        gathered = gathered_logistic(features, classifier) if len(pipeline.steps) == 2 else None
         if gathered is not None:  # levels' weights looked up, no one-hot matrix
             pipeline.steps[0] = (name, ArrowLinearParts(features))
-            pipeline.steps[-1] = (classifier[0], gathered)
+            pipeline.steps[-1] = (last, gathered)
         else:
+            bins = tree_bins(features, classifier)
             pipeline.steps[0] = (name, features if bins is None else bins)
         width = max(width, features.width)
     classes = list(compiled.classes_)

@@ -54,14 +54,11 @@ class GatheredLogistic(BaseEstimator, ClassifierMixin):  # type: ignore[misc]
         self.classifier = classifier
         self.widths = list(widths)
         weights = np.asarray(classifier.coef_[0], np.float64)
-        levels = int(sum(widths))
-        self.numeric_weights = weights[: len(weights) - levels]
+        first_level = len(weights) - int(sum(widths))
+        self.numeric_weights = weights[:first_level]
         # Per categorical column its levels' weights and a 0 last, where code -1 lands.
-        ends = np.cumsum(widths)
-        self.level_weights = [
-            np.append(weights[len(self.numeric_weights) + end - width :][:width], 0.0)
-            for end, width in zip(ends, widths, strict=True)
-        ]
+        columns = np.split(weights[first_level:], np.cumsum(widths)[:-1])
+        self.level_weights = [np.append(column, 0.0) for column in columns]
         self.intercept = float(classifier.intercept_[0])
         self.classes_ = classifier.classes_
 

@@ -132,8 +132,7 @@ class SqlSource:
                     key="source.query",
                 )
             if via_settings:
-                # A subquery, read once per query (see `_setting`).
-                setting = f"(SELECT CAST(current_setting('{_SETTING_PREFIX}lo') AS DATE))"
+                setting = str(_setting("lo", sa.Date()).compile(dialect=_numeric_dollar_dialect()))
                 return sa.text(_BIND.sub(lambda _: setting, self.config.query))
             return sa.text(self.config.query).bindparams(
                 sa.bindparam("snapshot_date", lo, type_=sa.Date())

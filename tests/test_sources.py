@@ -127,20 +127,12 @@ def test_postgres_reads_the_date_settings_once_per_query(postgres_url: str, layo
         kind="sql", url=postgres_url, **({"table": name} if layout == "table" else {"query": query})
     )
     source = SqlSource(config, CONTRACT)
-    sql = str(
-        source._selectable(D1, D2, None, via_settings=True).compile(
-            dialect=sources._numeric_dollar_dialect()
-        )
-    )
     engine = sa.create_engine(postgres_url, poolclass=NullPool)
     try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("SET enable_indexscan = off")  # the plan of a big date
-            conn.exec_driver_sql("SET enable_bitmapscan = off")
-            conn.exec_driver_sql("SELECT set_config('churn_batch.lo', '2024-05-01', true)")
-            conn.exec_driver_sql("SELECT set_config('churn_batch.hi', '2024-05-02', true)")
-            plan = [row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}")]
-            assert len(conn.exec_driver_sql(sql).fetchall()) == 8
+        # The plan of a big date, in a small table.
+        plan, rows = _read_plan(engine, source, D1, "SET enable_indexscan = off",
+                                "SET enable_bitmapscan = off")  # fmt: skip
+        assert rows == 8
         ids = sorted(i for b in source.read(D1) for i in b.column("customer_id").to_pylist())
     finally:
         with engine.begin() as conn:
@@ -178,23 +170,30 @@ def test_postgres_plans_the_read_of_a_day_by_how_much_of_the_table_a_day_is(
             )  # fmt: skip
             conn.exec_driver_sql(f"ANALYZE {name}")
         source = SqlSource(SourceConfig(kind="sql", url=postgres_url, table=name), CONTRACT)
-        sql = str(
-            source._selectable(first, sources._next_day(first), None, via_settings=True).compile(
-                dialect=sources._numeric_dollar_dialect()
-            )
-        )
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"SELECT set_config('churn_batch.lo', '{first}', true)")
-            after = sources._next_day(first)
-            conn.exec_driver_sql(f"SELECT set_config('churn_batch.hi', '{after}', true)")
-            plan = [r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}")]
-            assert len(conn.exec_driver_sql(sql).fetchall()) == per_day
+        plan, rows = _read_plan(engine, source, first)
+        assert rows == per_day
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
         engine.dispose()
     assert ("Seq Scan" in plan[0]) == (days == 1), plan
     assert not [line for line in plan if "Filter" in line and "current_setting" in line], plan
+
+
+def _read_plan(
+    engine: sa.Engine, source: SqlSource, day: date, *settings: str
+) -> tuple[list[str], int]:
+    """The plan PostgreSQL gives the ADBC read of `day` (its dates set as the read sets
+    them), and the rows the query returns."""
+    query = source._selectable(day, sources._next_day(day), None, via_settings=True)
+    sql = str(query.compile(dialect=sources._numeric_dollar_dialect()))
+    with engine.begin() as conn:
+        for setting in settings:
+            conn.exec_driver_sql(setting)
+        for name, value in (("lo", day), ("hi", sources._next_day(day))):
+            conn.exec_driver_sql(f"SELECT set_config('churn_batch.{name}', '{value}', true)")
+        plan = [row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}")]
+        return plan, len(conn.exec_driver_sql(sql).fetchall())
 
 
 @pytest.mark.parametrize("stretch", [1, 2, 3, 7, 1000])

@@ -270,9 +270,7 @@ def _instrument_job(phases: Phases) -> None:
             return result
 
         setattr(publication, "finish_run", finish_run)  # noqa: B010
-    read_ahead = callable(getattr(job, "prefetch", None))
-    read_phase = "read"  # on the job's read thread: "read (read thread)"
-    if read_ahead:
+    if callable(getattr(job, "prefetch", None)):
         prefetch = getattr(job, "prefetch")  # noqa: B009 (job does not export it)
 
         def waiting(*args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -287,7 +285,7 @@ def _instrument_job(phases: Phases) -> None:
     def open_source(*args: Any, **kwargs: Any) -> Any:
         source = opener(*args, **kwargs)
         read, summarize = source.read, source.summarize
-        source.read = lambda *a, **k: phases.iterate(read_phase, read(*a, **k))
+        source.read = lambda *a, **k: phases.iterate("read", read(*a, **k))
         source.summarize = phases.wrap("count+dups", summarize)
         return source
 
