@@ -6,6 +6,8 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -90,9 +92,26 @@ def run_cli(*args: str, cwd: Path | None = None, **kwargs: Any) -> subprocess.Co
                           timeout=300, **kwargs)  # fmt: skip
 
 
+@contextmanager
+def sqlite_db(path: Path) -> Iterator[sqlite3.Connection]:
+    """A sqlite3 connection, committed and closed on leaving.
+
+    `with sqlite3.connect(...)` only commits: the connection stays open until garbage
+    collection. Left open in the test process, it kept the WAL index of a file that the
+    next in-process run's ADBC driver (its own copy of SQLite) checkpointed and deleted
+    on closing, and the next read here failed with "disk I/O error".
+    """
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
 def predictions(db: Path, day: date | None = None) -> list[tuple[Any, ...]]:
     """Every published row, sorted: what 'byte-for-byte the same' compares."""
-    with sqlite3.connect(db) as conn:
+    with sqlite_db(db) as conn:
         query = "SELECT * FROM churn_predictions"
         params: tuple[str, ...] = ()
         if day:

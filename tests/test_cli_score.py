@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from .scoring_fixtures import (
     copy_project,
     predictions,
     run_cli,
+    sqlite_db,
     write_config,
 )
 
@@ -50,7 +50,7 @@ def db(config: Config) -> Path:
 
 
 def sql(config: Config, statement: str, params: tuple[object, ...] = ()) -> None:
-    with sqlite3.connect(db(config)) as conn:
+    with sqlite_db(db(config)) as conn:
         conn.execute(statement, params)
 
 
@@ -116,9 +116,10 @@ def test_a_column_mixing_storage_classes_restarts_on_the_row_path(
     rolls back, starts over reading rows, and publishes what the row path reads."""
     config = copy_project(template, tmp_path / "p")
     write_config(config.path.parent, batch_size=50)
-    ids = [r[0] for r in sqlite3.connect(db(config)).execute(
-        "SELECT customer_id FROM customer_snapshots WHERE snapshot_date = ? "
-        "ORDER BY rowid", (LAST.isoformat(),))]  # fmt: skip
+    with sqlite_db(db(config)) as conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT customer_id FROM customer_snapshots WHERE snapshot_date = ? "
+            "ORDER BY rowid", (LAST.isoformat(),))]  # fmt: skip
     sql(config, "UPDATE customer_snapshots SET monthly_charges = ' ' "
         "WHERE snapshot_date = ? AND customer_id = ?", (LAST.isoformat(), ids[200]))  # fmt: skip
     code, output = score(config, "--date", LAST.isoformat())
@@ -180,7 +181,7 @@ def test_exit_4_missing_column_and_too_many_invalid(project: Config) -> None:
     assert predictions(db(project)) == before, "previous predictions untouched"
     run = run_rows(project)[0]
     assert run["status"] == "failed" and int(str(run["rows_rejected"])) > 0
-    with sqlite3.connect(db(project)) as conn:
+    with sqlite_db(db(project)) as conn:
         kept = conn.execute("SELECT COUNT(*), MIN(reason) FROM churn_rejected_rows "
                             "WHERE run_id = ?", (run["run_id"],)).fetchone()  # fmt: skip
     assert kept[0] == run["rows_rejected"]
@@ -288,7 +289,7 @@ def test_abandoned_run_is_marked_by_the_next(project: Config) -> None:
 
 def _big_snapshot(config: Config, day: date, copies: int) -> None:
     """Repeat one date's rows under new ids so a run takes seconds, not milliseconds."""
-    with sqlite3.connect(db(config)) as conn:
+    with sqlite_db(db(config)) as conn:
         cols = [r[1] for r in conn.execute("PRAGMA table_info(customer_snapshots)")]
         rest = ", ".join(c for c in cols if c not in ("customer_id",))
         for i in range(copies):
@@ -363,7 +364,7 @@ def test_demo_from_an_empty_directory(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "3/3 Published" in result.stdout
     assert "SELECT p.customer_id" in result.stdout
-    with sqlite3.connect(root / "data" / "churn.db") as conn:
+    with sqlite_db(root / "data" / "churn.db") as conn:
         (n,) = conn.execute("SELECT COUNT(*) FROM churn_predictions_latest").fetchone()
         (high,) = conn.execute(
             "SELECT COUNT(*) FROM churn_predictions WHERE risk_tier = 'high'"
