@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 from sqlalchemy.exc import SQLAlchemyError
 
+from churn_batch import failpoints
 from churn_batch.config import Config, ContractConfig
 from churn_batch.contract import CheckedBatch, check_batch, enforce_invalid_fraction, reason_counts
 from churn_batch.errors import ChurnBatchError, DriftBlocked
@@ -27,13 +28,8 @@ from churn_batch.prefetch import prefetch
 from churn_batch.registry import LoadedModel, load_model
 from churn_batch.scoring import BatchScorer
 from churn_batch.sinks import Sink
-from churn_batch.sources import (
-    PortablePathNeeded,
-    SnapshotSource,
-    SnapshotSummary,
-    SqlSource,
-    open_source,
-)
+from churn_batch.sources import SnapshotSource, SnapshotSummary, open_source
+from churn_batch.sql_source import PortablePathNeeded, SqlSource
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +95,7 @@ def _run_locked(
         abandoned = sink.begin_run(outcome.run_id, snapshot_date, _now(), None)
         if abandoned:
             log.warning("marked %d earlier run(s) for %s as abandoned", abandoned, snapshot_date)
+        failpoints.hit("run.started")
         rejected_sample: list[pa.Table] = []
         try:
             _publish(config, outcome, sink, model_ref, allow_drift, progress, rejected_sample)
@@ -177,18 +174,20 @@ def _publish_once(
         # Four threads: "read" reads ahead, "check" checks what was read against the
         # contract, this one scores and monitors, and the publication's writes behind.
         # Reading waits on the server most; the check beside it took a fifth of the wall.
-        batches = prefetch(source.read(outcome.snapshot_date), depth=1, name="read")
+        batches = prefetch(_read(source, outcome.snapshot_date), depth=1, name="read")
         checked_batches = _checked(batches, contract, summary, monitor.known_levels)
         for checked in prefetch(checked_batches, depth=1, name="check"):
             if summary.as_stored and checked.ids_rewritten:
                 raise _IdsChangedByCleaning
             predictions = scorer.score(checked.valid)
+            failpoints.hit("score.batch")
             monitor.observe(
                 checked.valid,
                 predictions["churn_probability"].to_numpy(),
                 predictions["risk_tier"].combine_chunks(),
             )
             pub.write_predictions(predictions)
+            failpoints.hit("publish.write")
             if checked.rejected.num_rows:
                 pub.write_rejected(checked.rejected)
                 if sampled < REJECTED_SAMPLE:
@@ -236,10 +235,24 @@ def _publish_once(
             rows_rejected=outcome.rows_rejected, error=None, summary=outcome.summary,
             model_version=model.version,
         )  # fmt: skip
+        failpoints.hit("publish.before_commit")
     log.info(
         "published %d predictions for %s (%d rejected)",
         outcome.rows_scored, outcome.snapshot_date, outcome.rows_rejected,
     )  # fmt: skip
+
+
+def _read(source: SnapshotSource, snapshot_date: date) -> Iterator[pa.RecordBatch]:
+    """The source's batches, on the "read" thread; closes the source's stream when done."""
+    batches = source.read(snapshot_date)
+    try:
+        for batch in batches:
+            failpoints.hit("read.batch")
+            yield batch
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _checked(
@@ -256,6 +269,7 @@ def _checked(
     """
     try:
         for batch in batches:
+            failpoints.hit("check.batch")
             yield check_batch(
                 batch, contract, duplicate_ids=summary.duplicate_ids, known_levels=known_levels
             )
@@ -273,6 +287,7 @@ def _record_failure(
     rejected_sample: list[pa.Table],
 ) -> None:
     """After the rollback: mark the run failed or blocked, keep what explains it."""
+    failpoints.hit("run.record_failure")
     blocked = isinstance(exc, DriftBlocked)
     outcome.status = "blocked" if blocked else "failed"
     outcome.exit_code = exc.exit_code if isinstance(exc, ChurnBatchError) else 1

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from churn_batch import sources
+from churn_batch import sources, sql_source
 from churn_batch.config import ContractConfig, SourceConfig
 from churn_batch.contract import check_batch
 from churn_batch.errors import (
@@ -24,7 +24,8 @@ from churn_batch.errors import (
     NoSnapshotRows,
     StorageUnavailable,
 )
-from churn_batch.sources import PortablePathNeeded, SqlSource, open_source
+from churn_batch.sources import open_source
+from churn_batch.sql_source import PortablePathNeeded, SqlSource
 
 CONTRACT = ContractConfig(
     id_column="customer_id",
@@ -185,12 +186,12 @@ def _read_plan(
 ) -> tuple[list[str], int]:
     """The plan PostgreSQL gives the ADBC read of `day` (its dates set as the read sets
     them), and the rows the query returns."""
-    query = source._selectable(day, sources._next_day(day), None, via_settings=True)
-    sql = str(query.compile(dialect=sources._numeric_dollar_dialect()))
+    query = source._selectable(day, sources.next_day(day), None, via_settings=True)
+    sql = str(query.compile(dialect=sql_source._numeric_dollar_dialect()))
     with engine.begin() as conn:
         for setting in settings:
             conn.exec_driver_sql(setting)
-        for name, value in (("lo", day), ("hi", sources._next_day(day))):
+        for name, value in (("lo", day), ("hi", sources.next_day(day))):
             conn.exec_driver_sql(f"SELECT set_config('churn_batch.{name}', '{value}', true)")
         plan = [row[0] for row in conn.exec_driver_sql(f"EXPLAIN {sql}")]
         return plan, len(conn.exec_driver_sql(sql).fetchall())
@@ -204,7 +205,7 @@ def test_repeats_found_across_stretches_of_the_sorted_ids(
     rng = random.Random(stretch)
     ids = [f"c{rng.randrange(40)}" for _ in range(60)] + [" c5 ", "c5"]
     batches = [pa.array(ids[i : i + 9]) for i in range(0, len(ids), 9)]
-    summary = sources._summary_of_ids(batches, D1, "test")
+    summary = sources.summary_of_ids(batches, D1, "test")
     counts = Counter(i.strip() for i in ids)
     assert summary.rows == len(ids)
     assert sorted(summary.duplicate_ids.to_pylist()) == sorted(
