@@ -6,13 +6,18 @@ records a failure). Normally `hit` does nothing: the setting is read once, and a
 variable costs one dictionary look-up per call.
 
 A test sets `CHURN_BATCH_FAILPOINTS` in the child process's environment to a
-comma-separated list of `name=action` or `name=action@n` (act at the n-th hit, 1-based):
+comma-separated list of `name=action`, or `name=action@n` / `name@n=action` to act at
+the n-th hit (1-based):
 
 - `kill`: SIGKILL this process, as the kernel's OOM killer or a power cut would;
 - `term`: SIGTERM this process (the handler installed by the CLI then runs);
 - `raise`: raise `InjectedFault`, an unexpected error (exit 1);
 - `pause`: create `$CHURN_BATCH_FAILPOINT_DIR/<name>` and wait there forever, so the test
-  can see the moment has come (no sleeping on its side) and signal the process itself.
+  can see the moment has come (no sleeping on its side) and signal the process itself;
+- `wait`: create that file too, then wait until the test creates `<name>.go` beside it
+  and carry on (after `WAIT_SECONDS` without it, raise `InjectedFault`): the test acts
+  while the run stands still, say terminates its database session, and the run itself
+  then meets what the test did.
 
 Failpoints are how a test reaches an exact moment of a run deterministically instead of
 guessing it with a timer; nothing outside tests sets the variable.
@@ -23,12 +28,15 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 ENV = "CHURN_BATCH_FAILPOINTS"
 DIR_ENV = "CHURN_BATCH_FAILPOINT_DIR"
 
-ACTIONS = ("kill", "term", "raise", "pause")
+ACTIONS = ("kill", "term", "raise", "pause", "wait")
+WAIT_SECONDS = 300.0  # a `wait` whose test died must not hang the run forever
+_WAIT_POLL_SECONDS = 0.02
 
 
 class InjectedFault(RuntimeError):
@@ -38,8 +46,11 @@ class InjectedFault(RuntimeError):
 def _parse(text: str) -> dict[str, tuple[str, int]]:
     points: dict[str, tuple[str, int]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, spec = item.partition("=")
+        where, _, spec = item.partition("=")
         action, _, nth = spec.partition("@")
+        # The hit count may stand with the name too: `publish.write@2=pause`.
+        name, _, at = where.partition("@")
+        nth = nth or at
         if action not in ACTIONS or not name:
             raise ValueError(f"{ENV}: {item!r} is not name=action[@n] with action in {ACTIONS}")
         points[name.strip()] = (action, int(nth) if nth else 1)
@@ -69,12 +80,28 @@ def hit(name: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
     elif action == "raise":
         raise InjectedFault(f"failpoint {name}")
+    elif action == "wait":
+        _wait(name)
     else:
         _pause(name)
 
 
-def _pause(name: str) -> None:
+def _announce(name: str) -> Path:
     directory = Path(os.environ.get(DIR_ENV, "."))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / name).touch()
+    return directory
+
+
+def _pause(name: str) -> None:
+    _announce(name)
     threading.Event().wait()  # until a signal ends the process
+
+
+def _wait(name: str) -> None:
+    go = _announce(name) / f"{name}.go"
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not go.exists():  # polled: the test's side waits on nothing but this file
+        if time.monotonic() > deadline:
+            raise InjectedFault(f"failpoint {name}: no {go} within {WAIT_SECONDS:.0f} s")
+        time.sleep(_WAIT_POLL_SECONDS)

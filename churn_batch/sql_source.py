@@ -7,10 +7,10 @@ would: PostgreSQL through ADBC's binary COPY, SQLite through ADBC in a child pro
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import date, datetime, time
 from typing import Any
 
@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import CompileError, DBAPIError, NoSuchTableError
 
+from churn_batch import sqlite_reader
 from churn_batch.config import ContractConfig, SourceConfig, redact_urls_in
 from churn_batch.contract import as_dates, require_columns
 from churn_batch.db import create_engine, describe_error, retrying
@@ -29,8 +30,13 @@ from churn_batch.errors import (
     StorageUnavailable,
 )
 from churn_batch.sources import SnapshotSummary, ids_as_strings, next_day, summary_of_ids
+from churn_batch.sqlite_reader import PortablePathNeeded as PortablePathNeeded
 
 log = logging.getLogger(__name__)
+
+# Fewer rows than this on SQLite are read as rows in this process: the reader process
+# takes ~0.3 s to start, the time the row path needs for about 50,000 rows.
+SQLITE_CHILD_MIN_ROWS = 50_000
 
 
 class SqlSource:
@@ -43,6 +49,7 @@ class SqlSource:
         self.engine = create_engine(config.url, must_exist=True)
         self._table: sa.Table | None = None
         self._portable = False  # SQLite: rows through SQLAlchemy, not ADBC (see _stream)
+        self._rows_of: dict[date, int] = {}  # counted by `summarize`, to choose the reader
 
     def describe(self) -> str:
         return self.config.describe()
@@ -134,6 +141,9 @@ class SqlSource:
             name = self.contract.id_column
             ids = (b.column(name) for b in self._stream(lo, hi, [name]))
             return summary_of_ids(ids, snapshot_date, self.describe())
+        # The contract's columns first: the repeat search below needs the id column, and
+        # a missing one is the snapshot's fault (exit 4), not a failed query.
+        self._require_columns(lo, hi)
         unique = self._key_makes_ids_unique()
         inner = self._selectable(lo, hi, None)
         if isinstance(inner, sa.TextClause):
@@ -141,8 +151,12 @@ class SqlSource:
         else:
             sub = inner.subquery("snapshot")
         id_col = sub.c[self.contract.id_column]
+        exact = _exact_id(id_col, self.engine.dialect.name)
         count_q = sa.select(sa.func.count()).select_from(sub)
-        dup_q = sa.select(id_col).group_by(id_col).having(sa.func.count() > 1)
+        # Grouped on the ids' exact text, as the predictions' key compares them: a
+        # case-insensitive collation (MariaDB's default, SQLite's NOCASE) would call
+        # C0000001 and c0000001 one customer, reject one and publish the other.
+        dup_q = sa.select(sa.func.min(id_col)).group_by(exact).having(sa.func.count() > 1)
 
         def run() -> tuple[int, list[Any]]:
             with self.engine.connect() as conn:
@@ -153,7 +167,25 @@ class SqlSource:
         rows, dups = self._run(run)
         if rows == 0:
             raise NoSnapshotRows(snapshot_date, self.describe())
+        self._rows_of[snapshot_date] = rows
         return SnapshotSummary(rows, ids_as_strings(_to_array(dups)), as_stored=True)
+
+    def _require_columns(self, lo: date, hi: date) -> None:
+        """`MissingColumns` (exit 4) unless the table or query has the contract's columns."""
+        if self.config.query is None:
+            self._needed_columns(False)
+            return
+        inner = self._selectable(lo, hi, None)
+        assert isinstance(inner, sa.TextClause)
+        probe: sa.Select[Any] = sa.select(sa.literal_column("*")).select_from(
+            inner.columns().subquery("q")
+        )
+
+        def run() -> list[str]:
+            with self.engine.connect() as conn:
+                return list(conn.execute(probe.limit(0)).keys())
+
+        require_columns(self._run(run), self.contract, label=False)
 
     def _key_makes_ids_unique(self) -> bool:
         """True when a primary key or unique constraint/index allows one row per id and date.
@@ -186,6 +218,16 @@ class SqlSource:
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
         columns = self._needed_columns(False)
+        rows = self._rows_of.get(snapshot_date)
+        if (
+            self.engine.dialect.name == "sqlite"
+            and rows is not None
+            and rows < SQLITE_CHILD_MIN_ROWS
+        ):
+            # Starting the reader process costs more than reading so few rows here.
+            return self._rows_stream(
+                self._selectable(snapshot_date, next_day(snapshot_date), columns)
+            )
         return self._stream(snapshot_date, next_day(snapshot_date), columns, optimistic=True)
 
     def read_range(
@@ -297,10 +339,11 @@ class SqlSource:
     def _adbc_sqlite_stream(
         self, lo: date | None, hi: date | None, columns: Sequence[str]
     ) -> Iterator[pa.RecordBatch]:
-        """SQLite rows straight into Arrow batches, the values bound as parameters."""
-        import adbc_driver_manager
-        import adbc_driver_sqlite.dbapi as adbc
+        """SQLite rows straight into Arrow batches, read by ADBC in a child process.
 
+        Never in this process: see `sqlite_reader` for why one process must not hold
+        two SQLite libraries on one file. The values are bound as parameters.
+        """
         compiled = self._selectable(lo, hi, columns).compile(dialect=self.engine.dialect)
         params = []
         for name in compiled.positiontup or ():
@@ -310,33 +353,18 @@ class SqlSource:
             )
             value = compiled.params[name]
             params.append(process(value) if process else value)
-        expected = _sqlite_arrow_kinds(self._reflect(), columns, self.contract.date_column)
-        conn = adbc.connect(str(self.engine.url.database))
+        numeric = _sqlite_numeric_columns(self._reflect(), columns, self.contract.date_column)
+        request = sqlite_reader.ReadRequest(
+            database=str(self.engine.url.database),
+            sql=compiled.string,
+            params=params,
+            batch_rows=self.config.batch_size,
+            numeric_columns=numeric,
+        )
         try:
-            cursor = conn.cursor()
-            cursor.adbc_statement.set_options(
-                **{"adbc.sqlite.query.batch_rows": str(self.config.batch_size)}
-            )
-            cursor.execute(compiled.string, params)
-            reader = cursor.fetch_record_batch()
-            # The driver types each column from the first batch's values: a text column
-            # typed as a number (or the reverse) would read differently from the row path.
-            for field in reader.schema:
-                allowed = expected.get(field.name, _any_type)
-                if not (allowed(field.type) or pa.types.is_null(field.type)):
-                    raise PortablePathNeeded(
-                        f"column {field.name} holds text where its declared type keeps numbers"
-                    )
-            try:
-                yield from reader
-            except (adbc_driver_manager.Error, OSError) as exc:  # the reader's, as OSError
-                if "type mismatch" not in str(exc).lower():
-                    raise
-                # A later value of another storage class: the driver stops, not converts.
-                raise PortablePathNeeded(f"a column mixes storage classes ({exc})") from None
-            cursor.close()
-        finally:
-            conn.close()
+            yield from sqlite_reader.read(request)
+        except sqlite_reader.ReaderFailed as exc:
+            raise StorageUnavailable(f"reading {self.describe()} failed: {exc}") from None
 
     def _adbc_stream(
         self, lo: date | None, hi: date | None, columns: Sequence[str] | None
@@ -414,18 +442,8 @@ _BIND = re.compile(r"(?<![:\w\\]):snapshot_date\b(?!:)")
 _SQLITE_DIALECT = sqlite_dialect.dialect()
 
 
-class PortablePathNeeded(Exception):
-    """The fast (Arrow) read cannot give these rows as the portable row path would.
-
-    Raised after some batches were already handed out: the caller calls
-    `SqlSource.use_portable_path` and starts over.
-    """
-
-
-def _sqlite_arrow_kinds(
-    table: sa.Table, columns: Sequence[str], date_column: str
-) -> dict[str, Callable[[pa.DataType], bool]]:
-    """Per column, the Arrow types ADBC may give it and still read every value exactly.
+def _sqlite_numeric_columns(table: sa.Table, columns: Sequence[str], date_column: str) -> list[str]:
+    """The columns that ADBC must give as numbers to read every value exactly.
 
     ADBC types a column from its first batch, then stops with a type mismatch at a later
     value of another storage class, EXCEPT in a column it typed as text: there it turns
@@ -435,7 +453,7 @@ def _sqlite_arrow_kinds(
     insert. The date column may come as text anyway: a number there is no date on
     either path.
     """
-    kinds: dict[str, Callable[[pa.DataType], bool]] = {}
+    numeric = []
     for name in columns:
         try:
             declared = str(table.columns[name].type.compile(dialect=_SQLITE_DIALECT)).upper()
@@ -445,16 +463,19 @@ def _sqlite_arrow_kinds(
             word in declared for word in ("CHAR", "CLOB", "TEXT")
         )
         if name != date_column and not text_affinity:
-            kinds[name] = _is_number
-    return kinds
+            numeric.append(name)
+    return numeric
 
 
-def _any_type(kind: pa.DataType) -> bool:
-    return True
-
-
-def _is_number(kind: pa.DataType) -> bool:
-    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind))
+def _exact_id(column: Any, dialect: str) -> Any:
+    """The id as text compared byte for byte, whatever the column's collation."""
+    if dialect in ("mysql", "mariadb"):
+        return sa.cast(column, sa.LargeBinary())  # CAST(... AS BINARY)
+    if dialect == "postgresql":
+        return sa.cast(column, sa.Text()).collate("C")
+    if dialect == "sqlite":
+        return column.collate("BINARY")
+    return column
 
 
 def _setting(name: str, kind: sa.types.TypeEngine[Any]) -> Any:
@@ -481,12 +502,12 @@ def _iso(value: date | None) -> str:
 
 
 def _adbc_available(database: str) -> bool:
-    """Whether the optional ADBC driver for `database` is installed."""
-    try:
-        importlib.import_module(f"adbc_driver_{database}.dbapi")
-    except ImportError:
-        return False
-    return True
+    """Whether the optional ADBC driver for `database` is installed.
+
+    Found, not imported: SQLite's driver must never be loaded into this process (see
+    `sqlite_reader`), and an import costs start-up time the read may never need.
+    """
+    return importlib.util.find_spec(f"adbc_driver_{database}") is not None
 
 
 def _numeric_dollar_dialect() -> sa.Dialect:
