@@ -1115,8 +1115,13 @@ def run_case(
     repeats = 1 if profile is not None else bench.args.repeat
     runs = []
     for attempt in range(repeats):
-        reset_outputs(bench, case)
-        runs.append(run_child(bench, spec, label if repeats == 1 else f"{label}-{attempt + 1}"))
+        rerun = attempt > 0 and bench.args.rerun and case in SCORE_CASES
+        if rerun:
+            wait_until_quiet(bench)  # the date stays published: this run replaces it
+        else:
+            reset_outputs(bench, case)
+        name = label if repeats == 1 else f"{label}-{'rerun' if rerun else 'run'}{attempt + 1}"
+        runs.append(run_child(bench, spec, name))
     # The fastest run counts; peak RSS is the highest of all runs.
     best = min(runs, key=lambda r: r.wall)
     best.peak_rss_mb = max(r.peak_rss_mb for r in runs)
@@ -1388,6 +1393,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--keep", action="store_true", help="keep the schema, work directory and registry"
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest counts")
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="score cases: runs after the first re-score the date the first one published",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
