@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from sklearn.base import clone
+from sklearn.base import BaseEstimator, clone, is_classifier
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.exceptions import NotFittedError
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -32,6 +33,7 @@ from sklearn.model_selection import ParameterGrid, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 from sklearn.utils.parallel import Parallel, delayed
+from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
@@ -209,6 +211,54 @@ def boosting_pipeline(
         **params,
     )
     return Pipeline([("features", features), ("classifier", classifier)])
+
+
+def estimator_problems(estimator: Any, features: Sequence[str]) -> list[str]:
+    """Why `estimator` cannot score rows of these features in this order (empty: it can).
+
+    A loaded artifact must be a fitted scikit-learn classifier with `predict_proba`, two
+    classes 0 and 1, fitted on exactly `features` (its own `feature_names_in_`, or that
+    of its first step): the card's feature list says what the model should be, this
+    checks what it is.
+    """
+    if not isinstance(estimator, BaseEstimator) or not is_classifier(estimator):
+        return [f"it is a {type(estimator).__module__}.{type(estimator).__qualname__}, "
+                "not a scikit-learn classifier"]  # fmt: skip
+    try:
+        check_is_fitted(estimator)
+    except (NotFittedError, TypeError):
+        return ["it is not fitted"]
+    problems = []
+    if not callable(getattr(estimator, "predict_proba", None)):
+        problems.append("it has no predict_proba")
+    classes = [c.item() if isinstance(c, np.generic) else c for c in
+               getattr(estimator, "classes_", [])]  # fmt: skip
+    if sorted(classes, key=repr) != [0, 1]:
+        problems.append(f"its classes are {classes}, not the two labels [0, 1]")
+    fitted_on = getattr(estimator, "feature_names_in_", None)
+    if fitted_on is None and isinstance(estimator, Pipeline) and estimator.steps:
+        fitted_on = getattr(estimator.steps[0][1], "feature_names_in_", None)
+    if fitted_on is None:
+        problems.append("it records no feature names, so its features cannot be checked")
+    elif list(fitted_on) != list(features):
+        names = [str(n) for n in fitted_on]
+        lacking = [f for f in features if f not in names]
+        unknown = [n for n in names if n not in features]
+        detail = "; ".join(
+            part
+            for part in (
+                f"it was not fitted on {', '.join(lacking)}" if lacking else "",
+                f"it was fitted on {', '.join(unknown)}, which the card does not list"
+                if unknown
+                else "",
+            )
+            if part
+        )
+        problems.append(
+            f"it was fitted on {len(names)} feature(s) where the card lists {len(features)}"
+            f" ({detail or 'in another order'})"
+        )
+    return problems
 
 
 def positive_scores(estimator: Any, features: pd.DataFrame) -> FloatArray:

@@ -2,15 +2,17 @@
 
 Layout under `<registry>/<name>/`:
 
-- `v1/`, `v2/`, ...: `model.joblib` (the fitted estimator) and `card.json` (what it is,
-  how it was trained and evaluated, the sha256 of `model.joblib`). A version directory
-  is written under a hidden temporary name and renamed into place, so it is either
-  complete or absent; it is never modified afterwards.
+- `v1/`, `v2/`, ...: `model.joblib` (the fitted estimator), `card.json` (what it is,
+  how it was trained and evaluated, the sha256 of `model.joblib`) and `signature.json`
+  (an HMAC of both files with a key kept outside the registry, see `signing`). A version
+  directory is written under a hidden temporary name and renamed into place, so it is
+  either complete or absent; afterwards only `models sign` replaces its signature.
 - `registry.json`: `{"aliases": {"champion": "v3", ...}, "history": [...]}`, replaced
   atomically; the history lets `rollback` return the champion to its predecessor.
 
-joblib is pickle, and unpickling runs code: `load` verifies the artifact's sha256 and
-the scikit-learn version before unpickling, and never reads outside the registry.
+joblib is pickle, and unpickling runs code: `load` verifies the signature, then the
+scikit-learn version, before unpickling; then checks that what it unpickled is a fitted
+classifier of the card's features. It reads no link and nothing outside the registry.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ import pandas as pd
 import pyarrow
 import sklearn
 
+from churn_batch import signing
 from churn_batch.config import ContractConfig, ModelConfig
 from churn_batch.errors import ModelError
-from churn_batch.model import positive_scores
+from churn_batch.model import estimator_problems, positive_scores
 
-MODEL_FILE = "model.joblib"
-CARD_FILE = "card.json"
+MODEL_FILE = signing.MODEL_FILE
+CARD_FILE = signing.CARD_FILE
+SIGNATURE_FILE = signing.SIGNATURE_FILE
 STATE_FILE = "registry.json"
 CHALLENGER = "challenger"
 
@@ -167,26 +171,23 @@ class Registry:
             raise ModelError(
                 f"{self.state_path}: alias {ref!r} holds an invalid version {target!r}"
             )
-        try:
-            self._version_dir(target)
-        except ModelError:
+        if not os.path.lexists(self.home / target):
             raise ModelError(
-                f"{self.state_path}: alias {ref!r} points to {target}, which does not exist"
-            ) from None
+                f"{self.state_path}: alias {ref!r} points to {target}, which does not exist "
+                f"(versions: {', '.join(self.versions()) or 'none'}); point it at a version "
+                "with `churn-batch models promote V` or `models rollback`"
+            )
+        self._version_dir(target)  # exists, but may be refused (a link, incomplete)
         return target
 
     def card(self, ref: str) -> dict[str, Any]:
+        """The version's card, unverified: for display only, never to decide a load."""
         version = self.resolve(ref)
-        path = self._version_dir(version) / CARD_FILE
-        try:
-            card = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"{path} is missing: version {version} is incomplete") from None
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path} cannot be read: {exc}") from None
-        if not isinstance(card, dict):
-            raise ModelError(f"{path} is not a model card (expected a JSON object)")
-        return card
+        directory = self._version_dir(version)
+        data = signing.read_inside(directory, CARD_FILE)
+        if data is None:
+            raise ModelError(f"{directory / CARD_FILE} is missing: version {version} is incomplete")
+        return signing.parse_card(directory / CARD_FILE, data)
 
     def summaries(self) -> list[VersionSummary]:
         """One line per version for `models list`, oldest first."""
@@ -208,55 +209,96 @@ class Registry:
             )
         return rows
 
+    def files(self, ref: str) -> signing.VersionFiles:
+        """Read a version's card, model and signature once, refusing links."""
+        version = self.resolve(ref)
+        return signing.read_version(self._version_dir(version), version)
+
+    def signature_problem(self, files: signing.VersionFiles) -> str | None:
+        """Why the signature does not vouch for these files (None: it does)."""
+        return signing.verify(files, self.name, self.root)
+
     def load(self, ref: str, contract: ContractConfig | None = None) -> LoadedModel:
         """Verify and unpickle a version; `contract`, when given, must match its features.
 
-        Checks, in order, before any unpickling: the artifact's sha256 against the card,
-        the scikit-learn version against the card's, the features against `contract`.
+        Before unpickling: the signature over the model and card bytes (with the key
+        from outside the registry), the scikit-learn version, the card's features against
+        `contract`. After: the object is a fitted classifier of exactly those features.
         """
-        version = self.resolve(ref)
-        card = self.card(version)
-        path = self._version_dir(version) / MODEL_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ModelError(f"{path} is missing: version {version} is incomplete") from None
-        except OSError as exc:
-            raise ModelError(f"{path} cannot be read: {exc}") from None
-        expected = card.get("model_sha256")
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            raise ModelError(
-                f"{path} was modified after registration: its sha256 is {actual}, the card "
-                f"records {expected}; refusing to load it"
-            )
+        files = self.files(ref)
+        version, path = files.version, files.directory / MODEL_FILE
+        card = signing.parse_card(files.directory / CARD_FILE, files.card_bytes)
+        problem = self.signature_problem(files)
+        if problem is not None:
+            raise ModelError(problem)
         _check_sklearn(card, version)
         if contract is not None:
             _check_contract(card, contract, version)
         try:
-            # From the bytes we hashed, not the file again: it cannot change in between.
-            pipeline = joblib.load(io.BytesIO(data))
+            # From the bytes we verified, not the file again: it cannot change in between.
+            pipeline = joblib.load(io.BytesIO(files.model_bytes))
         except Exception as exc:  # any unpickling failure means an unusable artifact
             raise ModelError(f"{path} cannot be loaded: {type(exc).__name__}: {exc}") from None
-        return LoadedModel(version=version, card=card, pipeline=pipeline)
+        loaded = LoadedModel(version=version, card=card, pipeline=pipeline)
+        problems = estimator_problems(pipeline, loaded.features)
+        if problems:
+            raise ModelError(
+                f"model {version} cannot score for its card: {'; '.join(problems)} "
+                f"({path}); retrain (churn-batch train) or promote another version"
+            )
+        return loaded
+
+    def sign(self, ref: str, *, model_sha256: str, card_sha256: str, reason: str) -> str:
+        """Sign a version whose files a person checked, with this machine's key.
+
+        The digests are what that person saw: if the files changed since, nothing is
+        signed. Nothing is unpickled. Returns the version.
+        """
+        files = self.files(ref)
+        if (files.model_sha256, files.card_sha256) != (model_sha256, card_sha256):
+            raise ModelError(f"{files.directory} changed while you were checking it; not signed")
+        card = signing.parse_card(files.directory / CARD_FILE, files.card_bytes)
+        if card.get("model_sha256") != files.model_sha256 or card.get("version") != files.version:
+            raise ModelError(
+                f"{files.directory / CARD_FILE} does not describe this version's model.joblib "
+                f"(sha256 {files.model_sha256}, version {files.version}); refusing to sign it"
+            )
+        key = signing.load_key(self.root, create=True)
+        assert key is not None  # create=True makes one
+        record = signing.signature_record(
+            key, self.name, files.version, files.model_sha256, files.card_sha256
+        )
+        with self._locked():
+            _write_json(files.directory / SIGNATURE_FILE, record)
+            state = self._state()
+            state["history"].append(
+                {"at": datetime.now(UTC).isoformat(), "action": "sign", "alias": None,
+                 "version": files.version, "previous": None, "reason": reason}
+            )  # fmt: skip
+            _write_json(self.state_path, state)
+        return files.version
 
     # -- writing ------------------------------------------------------------------------
 
     def register(self, estimator: Any, card: Mapping[str, Any]) -> str:
         """Store a new version (the next `vN`) and return it; the card gains `version`
-        and `model_sha256`."""
+        and `model_sha256`, and the version a signature (a key is made if none exists)."""
+        key = signing.load_key(self.root, create=True)
+        assert key is not None  # create=True makes one
         self.home.mkdir(parents=True, exist_ok=True)
         with self._locked():
             staging = self.home / f".tmp-{uuid.uuid4().hex}"
             staging.mkdir()
             try:
-                version = self._write_version(staging, estimator, card)
+                version = self._write_version(staging, estimator, card, key)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
         return version
 
-    def _write_version(self, staging: Path, estimator: Any, card: Mapping[str, Any]) -> str:
+    def _write_version(
+        self, staging: Path, estimator: Any, card: Mapping[str, Any], key: signing.RegistryKey
+    ) -> str:
         model_path = staging / MODEL_FILE
         with model_path.open("wb") as out:
             joblib.dump(estimator, out)
@@ -266,6 +308,9 @@ class Registry:
         existing = self.versions()
         version = f"v{_version_number(existing[-1]) + 1 if existing else 1}"
         _write_json(staging / CARD_FILE, {"version": version, **card, "model_sha256": digest})
+        card_digest = _sha256_file(staging / CARD_FILE)  # the exact bytes a load will read
+        record = signing.signature_record(key, self.name, version, digest, card_digest)
+        _write_json(staging / SIGNATURE_FILE, record)
         _fsync_dir(staging)
         final = self.home / version
         if final.exists():  # only a hand-made directory could be here: never replace it
@@ -339,26 +384,33 @@ class Registry:
     # -- internals ------------------------------------------------------------------------
 
     def _version_dir(self, version: str) -> Path:
-        """The directory of an existing version, never outside the registry root."""
+        """The directory of an existing version: a real directory inside the registry."""
         if not _VERSION.match(version):
             raise ModelError(f"invalid model version {version!r}: versions look like v3")
+        if not self.home.resolve().is_relative_to(self.root.resolve()):
+            raise ModelError(signing.refusal(self.home, self.root))
         path = self.home / version
-        if not (path / CARD_FILE).is_file():
+        if path.is_symlink():
+            raise ModelError(signing.refusal(path, self.home))
+        if not path.is_dir():
             raise ModelError(
                 f"model version {version} not found in {self.home} "
                 f"(versions: {', '.join(self.versions()) or 'none'})"
             )
-        if not path.resolve().is_relative_to(self.home.resolve()):
-            raise ModelError(f"{path} leads outside the registry {self.home}; refusing it")
         return path
 
     def _state(self) -> dict[str, Any]:
+        if self.state_path.is_symlink():
+            raise ModelError(signing.refusal(self.state_path, self.home))
         try:
             state = json.loads(self.state_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {"aliases": {}, "history": []}
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.state_path} cannot be read: {exc}") from None
+            raise ModelError(
+                f"{self.state_path} cannot be read: {exc}; restore it from a backup (it "
+                "holds only the aliases and their history)"
+            ) from None
         if not (
             isinstance(state, dict)
             and isinstance(state.get("aliases"), dict)
@@ -372,7 +424,13 @@ class Registry:
         """Serialise writers (two `train` runs must not both take v4); the OS releases
         the lock if the process dies."""
         self.home.mkdir(parents=True, exist_ok=True)
-        with (self.home / ".lock").open("a") as handle:
+        # O_NOFOLLOW: a planted link must not make us create or touch a file elsewhere.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.home / ".lock", flags, 0o644)
+        except OSError as exc:
+            raise ModelError(f"{self.home / '.lock'} cannot be opened: {exc.strerror}") from None
+        with os.fdopen(fd, "a") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
                 yield

@@ -31,6 +31,22 @@ def server_url(env: str) -> str:
     return url
 
 
+@pytest.fixture(scope="session", autouse=True)
+def registry_key() -> Iterator[str]:
+    """A registry signing key for this test session, in the environment (child processes
+    inherit it), so no test reads or creates ~/.config/churn-batch/registry.key.
+
+    Session-wide, not per test: the session's `template` champion is signed with it.
+    A test about the key itself overrides it with `monkeypatch`.
+    """
+    import secrets
+
+    with pytest.MonkeyPatch.context() as patch:
+        key = secrets.token_hex(32)
+        patch.setenv("CHURN_BATCH_REGISTRY_KEY", key)
+        yield key
+
+
 @pytest.fixture
 def postgres_url() -> str:
     return server_url(POSTGRES_ENV)

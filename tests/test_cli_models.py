@@ -211,7 +211,7 @@ def test_a_tampered_artifact_exits_6(config: Path, fast_training: None) -> None:
     recorded = json.loads((path.parent / CARD_FILE).read_text())["model_sha256"]
     message = (
         f"{path} was modified after registration: its sha256 is {actual}, the card records "
-        f"{recorded}; refusing to load it"
+        f"{recorded}; refusing to load it: restore v1 from a backup or retrain (churn-batch train)"
     )
     promote = invoke(config, "models", "promote", "v1")
     assert promote.exit_code == 6
@@ -231,6 +231,8 @@ def test_another_scikit_learn_version_exits_6_naming_both(config: Path) -> None:
     card = json.loads(card_path.read_text())
     card["libraries"]["sklearn"] = "1.0.2"
     card_path.write_text(json.dumps(card))
+    # Signed as if that environment had registered it: this check comes after the signature.
+    assert invoke(config, "models", "sign", "v1", "--yes").exit_code == 0
     result = invoke(config, "models", "promote", "v1")
     assert result.exit_code == 6
     assert error_line(result) == (
@@ -252,6 +254,7 @@ def test_another_scikit_learn_version_exits_6_naming_both(config: Path) -> None:
         (["models", "show"], "Show a version's model card"),
         (["models", "promote"], "Make a version the champion"),
         (["models", "rollback"], "Return the champion to the version"),
+        (["models", "sign"], "Sign a version with this machine's registry key"),
     ],
 )
 def test_every_command_has_help(command: list[str], summary: str) -> None:

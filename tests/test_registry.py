@@ -22,7 +22,14 @@ from churn_batch.config import PROJECT_ROOT, ContractConfig, load_config
 from churn_batch.contract import LABEL, check_batch, features_frame
 from churn_batch.errors import ModelError
 from churn_batch.model import logistic_pipeline
-from churn_batch.registry import CARD_FILE, MODEL_FILE, STATE_FILE, Registry, library_versions
+from churn_batch.registry import (
+    CARD_FILE,
+    MODEL_FILE,
+    SIGNATURE_FILE,
+    STATE_FILE,
+    Registry,
+    library_versions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +71,14 @@ def three(registry: Registry, fitted: tuple[Any, Any], contract: ContractConfig)
     return registry
 
 
+def resign(registry: Registry, version: str) -> None:
+    """Sign a version's current files, as `churn-batch models sign` does."""
+    files = registry.files(version)
+    registry.sign(
+        version, model_sha256=files.model_sha256, card_sha256=files.card_sha256, reason="test"
+    )
+
+
 def entries(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
@@ -77,7 +92,7 @@ def test_versions_are_numbered_and_complete(
     assert registry.register(fitted[0], card_for(contract)) == "v1"
     assert registry.register(fitted[0], card_for(contract)) == "v2"
     assert registry.versions() == ["v1", "v2"]
-    assert entries(registry.home / "v2") == [CARD_FILE, MODEL_FILE]
+    assert entries(registry.home / "v2") == [CARD_FILE, MODEL_FILE, SIGNATURE_FILE]
     card = json.loads((registry.home / "v2" / CARD_FILE).read_text())
     assert card["version"] == "v2"
     digest = hashlib.sha256((registry.home / "v2" / MODEL_FILE).read_bytes()).hexdigest()
@@ -191,6 +206,7 @@ def test_another_scikit_learn_version_is_refused_naming_both(three: Registry) ->
     card = json.loads(card_path.read_text())
     card["libraries"]["sklearn"] = "0.24.2"
     card_path.write_text(json.dumps(card))
+    resign(three, "v1")  # as if that environment had registered it: the check after the signature
     with pytest.raises(ModelError) as info:
         three.load("v1")
     assert "scikit-learn 0.24.2" in str(info.value)
@@ -253,7 +269,7 @@ def test_a_version_directory_leading_outside_the_registry_is_refused(
     outside = tmp_path / "elsewhere"
     (three.home / "v3").rename(outside)
     (three.home / "v3").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(ModelError, match="leads outside the registry"):
+    with pytest.raises(ModelError, match=r"^refused: .*/v3 is a symlink out of the registry"):
         three.load("v3")
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from churn_batch.cli.app import app
-from churn_batch.cli.common import parse_date, reports_errors, state
+from churn_batch.cli.common import fail, parse_date, reports_errors, state
 
 if TYPE_CHECKING:
     from churn_batch.config import ModelConfig
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 models_app = typer.Typer(
     name="models",
-    help="Inspect the model registry and move the champion alias.",
+    help="Inspect the model registry, move the champion alias, sign checked versions.",
     no_args_is_help=True,
 )
 app.add_typer(models_app, name="models")
@@ -121,7 +122,11 @@ def show(
         typer.echo(json.dumps(jsonable(card), indent=2))
         return
     aliases = [alias for alias, v in sorted(registry.aliases().items()) if v == version]
-    for line in _card_lines(card, version, aliases):
+    lines = _card_lines(card, version, aliases)
+    problem = registry.signature_problem(registry.files(version))
+    signature = "valid (signed with this machine's registry key)" if problem is None else problem
+    lines.insert(lines.index(""), f"signature     {signature}")
+    for line in lines:
         typer.echo(line)
 
 
@@ -138,6 +143,47 @@ def promote(ctx: typer.Context, ref: RefArg, reason: ReasonOpt = None) -> None:
         typer.echo(f"{move.version} is already {move.alias}")
     else:
         typer.echo(f"{move.alias}: {move.previous or '(none)'} -> {move.version}")
+
+
+@models_app.command("sign")
+@reports_errors
+def sign(
+    ctx: typer.Context,
+    ref: RefArg,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Do not ask: you have checked the sha256 shown.")
+    ] = False,
+    reason: ReasonOpt = None,
+) -> None:
+    """Sign a version with this machine's registry key, after a person checked its files.
+
+    For a version registered before signing existed or with another key. Loading a
+    model unpickles model.joblib, which runs any code in it: sign only files you know
+    this registry wrote (compare the sha256 shown with your records or a backup). Never
+    run it to silence a "was modified" or "does not match" error: restore or retrain.
+    The key is CHURN_BATCH_REGISTRY_KEY, else ~/.config/churn-batch/registry.key
+    ($XDG_CONFIG_HOME), made on first use.
+    """
+    registry = _registry(state(ctx).config.model)
+    files = registry.files(ref)
+    if registry.signature_problem(files) is None:
+        typer.echo(f"{files.version} is already signed with this machine's registry key")
+        return
+    typer.echo(f"{files.directory}:")
+    typer.echo(f"  model.joblib sha256 {files.model_sha256}")
+    typer.echo(f"  card.json    sha256 {files.card_sha256}")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise fail("not signed: confirm in a terminal, or pass --yes", 2)
+        if not typer.confirm(f"Sign {files.version}? Loading it will run model.joblib's code"):
+            raise fail("not signed", 2)
+    registry.sign(
+        files.version,
+        model_sha256=files.model_sha256,
+        card_sha256=files.card_sha256,
+        reason=reason or "signed with `models sign`",
+    )
+    typer.echo(f"Signed {files.version}")
 
 
 @models_app.command("rollback")
