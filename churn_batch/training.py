@@ -189,10 +189,28 @@ def read_labelled(
     kept = table.filter(labelled)
     unlabelled = table.num_rows - kept.num_rows
     if unlabelled:
-        log.info("dropped %d rows without a label (outcome not known yet)", unlabelled)
+        _log_unlabelled(table, labelled, contract)
     ordered = kept.sort_by([(contract.date_column, "ascending"), (contract.id_column, "ascending")])
     shown = tuple(sorted(v if v is not None else "(missing)" for v in values))
     return TrainingData(ordered, rows_read, rejected, dict(reasons), unlabelled, shown)
+
+
+def _log_unlabelled(table: pa.Table, labelled: pa.ChunkedArray, contract: ContractConfig) -> None:
+    """Say how many rows and dates are left out for lacking a label, and which dates have
+    none at all: the newest dates, whose outcome is not known yet (in a lake, their files
+    often lack the label column), or a label that failed to arrive."""
+    dates = table[contract.date_column]
+    left_out = set(pc.unique(dates.filter(pc.invert(labelled))).to_pylist())
+    whole = sorted(left_out - set(pc.unique(dates.filter(labelled)).to_pylist()))
+    shown = ", ".join(map(str, whole[:_LABEL_VALUES_SHOWN]))
+    log.info(
+        "left out %d rows without a label (outcome not known yet) on %d date(s); "
+        "%d date(s) without any label are not training data%s",
+        len(labelled) - int(pc.sum(labelled).as_py() or 0),
+        len(left_out),
+        len(whole),
+        f": {shown}{'...' if len(whole) > _LABEL_VALUES_SHOWN else ''}" if whole else "",
+    )
 
 
 def _drop_duplicates(table: pa.Table, contract: ContractConfig) -> tuple[pa.Table, int]:

@@ -348,6 +348,12 @@ def test_parquet_hive_partitions_prune_other_dates(tmp_path: Path) -> None:
     assert sum(b.num_rows for b in source.read(D1)) == 8
     with pytest.raises(NoSnapshotRows):
         source.summarize(date(2024, 4, 30))
+    # Reads that need the date do open it, and name the file.
+    broken = tmp_path / f"snapshot_date={D3.isoformat()}" / "0.parquet"
+    with pytest.raises(ContractViolation, match=rf"Parquet file {broken} cannot be read: "):
+        source.dates()
+    with pytest.raises(ContractViolation, match=rf"Parquet file {broken} cannot be read: "):
+        list(source.read_range(D2, None))
 
 
 def test_parquet_reads_a_big_row_group_a_batch_at_a_time(tmp_path: Path) -> None:
@@ -392,6 +398,65 @@ def test_parquet_missing_path(tmp_path: Path) -> None:
     source = open_source(SourceConfig(kind="parquet", path=tmp_path / "nope"), CONTRACT)
     with pytest.raises(ConfigError, match=r"Parquet source .*nope does not exist"):
         source.summarize(D1)
+
+
+def test_parquet_file_without_the_label_gives_rows_without_one(tmp_path: Path) -> None:
+    """Labels exist for the past only: a newer file may lack the column altogether."""
+    table = arrow_rows()
+    pq.write_table(table.slice(0, 12), tmp_path / "a.parquet")
+    pq.write_table(table.slice(12).drop_columns(["churned"]), tmp_path / "b.parquet")
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path, batch_size=3), CONTRACT)
+    read = pa.Table.from_batches(list(source.read_range(None, None)))
+    assert read.num_rows == 16
+    assert read["churned"].to_pylist()[-4:] == [None] * 4
+    assert read["churned"].null_count == 4
+    assert sum(b.num_rows for b in source.read(D3)) == 3  # scoring needs no label
+
+    pq.write_table(table.slice(0, 12).drop_columns(["churned"]), tmp_path / "a.parquet")
+    with pytest.raises(MissingColumns, match=r"missing required column\(s\): churned \(found"):
+        list(source.read_range(None, None))
+
+
+def test_parquet_file_without_a_feature_is_named_when_its_rows_are_read(tmp_path: Path) -> None:
+    table = arrow_rows()
+    d1 = pa.compute.equal(table["snapshot_date"], pa.scalar(D1, pa.date32()))
+    pq.write_table(table.filter(d1), tmp_path / "a.parquet")
+    later = table.filter(pa.compute.invert(d1)).drop_columns(["charges"])
+    pq.write_table(later, tmp_path / "b.parquet")
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path, batch_size=3), CONTRACT)
+    # b.parquet's statistics say it holds no D1 row: it is not read, nor its columns judged.
+    assert sum(b.num_rows for b in source.read(D1)) == 8
+    missing = (
+        rf"Parquet file {tmp_path / 'b.parquet'} is missing required column\(s\): charges "
+        r"\(found: customer_id, snapshot_date, plan, churned\)"
+    )
+    with pytest.raises(MissingColumns, match=missing):
+        source.summarize(D2)  # the first pass judges every column, though it reads the ids
+    with pytest.raises(MissingColumns, match=missing):
+        list(source.read_range(None, None))
+
+
+def test_parquet_broken_file_is_named_by_every_read_that_needs_it(tmp_path: Path) -> None:
+    pq.write_table(arrow_rows(), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"")
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path, batch_size=3), CONTRACT)
+    message = (
+        rf"Parquet file {tmp_path / 'b.parquet'} cannot be read: Parquet file size is 0 bytes$"
+    )
+    for read in (source.dates, lambda: source.summarize(D1), lambda: list(source.read(D1))):
+        with pytest.raises(ContractViolation, match=message):
+            read()
+
+
+def test_parquet_directory_without_data_files(tmp_path: Path) -> None:
+    (tmp_path / "_SUCCESS").write_bytes(b"")
+    (tmp_path / ".a.parquet.crc").write_bytes(b"crc")
+    source = open_source(SourceConfig(kind="parquet", path=tmp_path, batch_size=3), CONTRACT)
+    assert source.dates() == []
+    with pytest.raises(NoSnapshotRows, match=r"for 2024-05-01 in parquet .*, which holds no data"):
+        source.summarize(D1)
+    with pytest.raises(NoSnapshotRows, match=r"for 2024-05-01\.\.the last date in parquet"):
+        list(source.read_range(D1, None))
 
 
 def test_sqlite_mixed_storage_classes_take_the_row_path(tmp_path: Path) -> None:
