@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pyarrow as pa
 import pytest
-from sqlalchemy.exc import SQLAlchemyError
 from typer.testing import CliRunner
 
 from churn_batch import synthetic
@@ -287,62 +286,58 @@ def test_abandoned_run_is_marked_by_the_next(project: Config) -> None:
 # -- real processes -----------------------------------------------------------------
 
 
-def _big_snapshot(config: Config, day: date, copies: int) -> None:
-    """Repeat one date's rows under new ids so a run takes seconds, not milliseconds."""
-    with sqlite_db(db(config)) as conn:
-        cols = [r[1] for r in conn.execute("PRAGMA table_info(customer_snapshots)")]
-        rest = ", ".join(c for c in cols if c not in ("customer_id",))
-        for i in range(copies):
-            conn.execute(
-                f"INSERT INTO customer_snapshots (customer_id, {rest}) "
-                f"SELECT customer_id || '-{i}', {rest} FROM customer_snapshots "
-                "WHERE snapshot_date = ? AND customer_id NOT LIKE '%-%'",
-                (day.isoformat(),),
-            )
-
-
-def _wait_for_running(config: Config, timeout: float = 60) -> None:
+def _wait_for_file(path: Path, child: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until `path` exists (a paused failpoint touched it), or fail if the child died."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if any(r["status"] == "running" for r in run_rows(config)):
-                return
-        except SQLAlchemyError:
-            pass  # the run's tables are being created
-        time.sleep(0.05)
-    raise AssertionError("the run never started")
+    while not path.exists():
+        assert child.poll() is None, f"the run ended (exit {child.returncode}) before {path.name}"
+        assert time.monotonic() < deadline, f"no {path} within {timeout:.0f} s"
+        time.sleep(0.02)
 
 
 def test_sigkill_mid_write_leaves_previous_predictions(template: Path, tmp_path: Path) -> None:
     config = copy_project(template, tmp_path / "p")
-    # Small batches: the run must outlast the second CLI's start (~3 s of imports).
-    write_config(config.path.parent, batch_size=20)
+    write_config(config.path.parent, batch_size=50)  # a dozen batches: mid-write is real
     assert score(config, "--date", LAST.isoformat())[0] == 0
     before = predictions(db(config))
-    _big_snapshot(config, LAST, 30)
+    (published,) = run_rows(config)
+    # The run stops, alive and holding the lock, with its second batch queued into the
+    # open publication: a moment reached by the failpoint, not guessed with a timer.
+    paused = tmp_path / "failpoints"
+    env = {**os.environ, "CHURN_BATCH_FAILPOINTS": "publish.write=pause@2",
+           "CHURN_BATCH_FAILPOINT_DIR": str(paused)}  # fmt: skip
     child = subprocess.Popen(
         [str(Path(sys.executable).parent / "churn-batch"), "--config", str(config.path),
          "score", "--date", LAST.isoformat()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
-    _wait_for_running(config)
-    time.sleep(1.0)  # well into the stream of batches
-    assert child.poll() is None, "still writing when killed"
+    try:
+        _wait_for_file(paused / "publish.write", child)
 
-    # A second run for the same date is refused at once while the first holds the lock.
-    second = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
-    assert second.returncode == 8, second.stderr
-    assert f"another run holds the lock for {LAST}" in second.stderr
-
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+        # A second run for the same date is refused at once while the first holds the lock.
+        second = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
+        assert second.returncode == 8, second.stderr
+        lock_file = f"{db(config)}.locks/churn_predictions-{LAST}.lock"
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"Error: another run holds the lock for {LAST} (lock file {lock_file})"
+        )
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
     assert predictions(db(config)) == before
-    write_config(config.path.parent, batch_size=10_000)
+    statuses = {r["run_id"]: r["status"] for r in run_rows(config)}
+    (dead,) = statuses.keys() - {published["run_id"]}
+    assert statuses == {published["run_id"]: "succeeded", dead: "running"}
+
     result = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
     assert result.returncode == 0, result.stderr
-    statuses = sorted(r["status"] for r in run_rows(config))
-    assert statuses.count("abandoned") == 1
-    assert len(predictions(db(config), LAST)) == 31 * len(before)
+    statuses = {r["run_id"]: r["status"] for r in run_rows(config)}
+    (again,) = statuses.keys() - {published["run_id"], dead}
+    assert statuses == {published["run_id"]: "succeeded", dead: "abandoned", again: "succeeded"}
+    assert [r[:5] for r in predictions(db(config))] == [r[:5] for r in before]
 
 
 def test_installed_entry_point_smoke(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy.pool import NullPool
 from churn_batch import synthetic
 from churn_batch.config import Config, load_config
 from churn_batch.contract import DUPLICATE_ID, check_batch, features_frame
+from churn_batch.errors import RunLocked
 from churn_batch.registry import Registry
 from churn_batch.sinks import Sink
 from churn_batch.sources import open_source
@@ -157,25 +158,48 @@ def test_sigkill_mid_write_leaves_previous_predictions(
         run_cli("--config", str(config.path), "score", "--date", LAST.isoformat()).returncode == 0
     )
     before = published(config, LAST)
-    write_config(config.path.parent, source_url=namespace_url, batch_size=20)
+    write_config(config.path.parent, source_url=namespace_url, batch_size=500)
+    # The run stops with its third batch queued into the open publication, alive and
+    # holding the date's lock: the moment is reached by the failpoint, not guessed.
+    paused = tmp_path / "failpoints"
+    env = {**os.environ, "CHURN_BATCH_FAILPOINTS": "publish.write=pause@3",
+           "CHURN_BATCH_FAILPOINT_DIR": str(paused)}  # fmt: skip
     child = subprocess.Popen(
         [str(Path(sys.executable).parent / "churn-batch"), "--config", str(config.path),
          "score", "--date", LAST.isoformat()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    with Sink(config.sink) as sink:
-        while not any(r["status"] == "running" for r in sink.runs(limit=5)):
-            assert time.monotonic() < deadline, "the run never started"
-            time.sleep(0.05)
-    time.sleep(1.0)
-    assert child.poll() is None, "still writing when killed"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while not (paused / "publish.write").exists():
+            assert child.poll() is None, f"the run ended (exit {child.returncode}) unpaused"
+            assert time.monotonic() < deadline, "the run never reached its third batch"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
     after = published(config, LAST)
     assert after.equals(before), "previous predictions exactly as they were"
+    with Sink(config.sink) as sink:
+        assert [r["status"] for r in sink.runs(limit=5)] == ["running", "succeeded"]
+        # The server frees the dead session's lock once it notices the closed socket:
+        # wait for that (the lock itself), not for a while.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with sink.lock(LAST):
+                    break
+            except RunLocked:
+                assert time.monotonic() < deadline, "the dead run's lock was never freed"
+                time.sleep(0.05)
     write_config(config.path.parent, source_url=namespace_url, batch_size=10_000)
     result = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
     assert result.returncode == 0, result.stderr
     with Sink(config.sink) as sink:
-        assert [r["status"] for r in sink.runs(limit=5)].count("abandoned") == 1
+        statuses = [r["status"] for r in sink.runs(limit=5)]
+    assert statuses == ["succeeded", "abandoned", "succeeded"]
+    rescored = published(config, LAST)
+    assert rescored["customer_id"].to_pylist() == before["customer_id"].to_pylist()
