@@ -3,6 +3,12 @@
 - PostgreSQL: a session-level advisory lock (`pg_try_advisory_lock`) on a dedicated
   connection held for the lock's lifetime.
 - MariaDB/MySQL: a named user lock (`GET_LOCK(name, 0)`) on a dedicated connection.
+
+  Both belong to their session: if the server ends it (`pg_terminate_backend`, `KILL`,
+  a restart, a dropped network), the lock is gone and another run may take the date.
+  So `date_lock` hands that connection to the caller, which writes its run record and
+  its publication on it: they then live and die with the lock, and a run whose lock
+  session was lost cannot commit anything (the sink turns that into exit 7).
 - SQLite and anything else: an exclusive, non-blocking `flock` on a lock file beside
   the database file; a process-local lock for an in-memory SQLite database.
 
@@ -41,14 +47,19 @@ _process_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def date_lock(engine: sa.Engine, table: str, snapshot_date: date) -> Iterator[None]:
+def date_lock(engine: sa.Engine, table: str, snapshot_date: date) -> Iterator[sa.Connection | None]:
     """Hold the lock for (`table`, `snapshot_date`) in the database behind `engine`.
+
+    Yields the connection whose session holds a server lock (None for a lock file or
+    an in-process lock). Use it only in `with conn.begin():` blocks, so that no
+    transaction stays open between them, and never after `conn.invalidated`: SQLAlchemy
+    would silently reconnect, to a new session that does not hold the lock.
 
     Raises `RunLocked` at once if another process (or another connection of this one)
     holds it, `StorageUnavailable` if the database cannot be reached.
     """
     backend = engine.url.get_backend_name()
-    holder: contextlib.AbstractContextManager[None]
+    holder: contextlib.AbstractContextManager[sa.Connection | None]
     if backend == "postgresql":
         holder = _session_lock(
             engine, snapshot_date, lambda conn: _try_postgres(conn, table, snapshot_date)
@@ -61,8 +72,8 @@ def date_lock(engine: sa.Engine, table: str, snapshot_date: date) -> Iterator[No
         holder = _process_lock(table, snapshot_date)
     else:
         holder = _file_lock(_lock_file(engine, table, snapshot_date), snapshot_date)
-    with holder:
-        yield
+    with holder as conn:
+        yield conn
 
 
 def advisory_key(name: str) -> int:
@@ -126,17 +137,20 @@ def _session_lock(
     engine: sa.Engine,
     snapshot_date: date,
     attempt: Callable[[sa.Connection], _Attempt],
-) -> Iterator[None]:
-    """A lock owned by a dedicated autocommit connection, held while the body runs.
+) -> Iterator[sa.Connection]:
+    """A lock owned by a dedicated connection, held while the body runs; yields it.
 
-    Autocommit: the lock must not keep a transaction open for the whole run. If the
-    release fails the connection is thrown away; closing the session frees its locks.
+    Session-level locks ignore transactions (a rollback keeps them), so the connection
+    can run the caller's transactions too. Every statement here runs in a short
+    `begin()` block: the lock must not keep a transaction open for the whole run. If
+    the release fails the connection is thrown away; closing the session frees its locks.
     """
 
     def acquire() -> tuple[sa.Connection, _Attempt]:
-        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        conn = engine.connect()
         try:
-            return conn, attempt(conn)
+            with conn.begin():
+                return conn, attempt(conn)
         except BaseException:
             conn.close()
             raise
@@ -146,15 +160,27 @@ def _session_lock(
         conn.close()
         raise _locked(snapshot_date, result.how)
     try:
-        yield
+        yield conn
     finally:
-        try:
+        _release(conn, result)
+
+
+def _release(conn: sa.Connection, result: _Attempt) -> None:
+    try:
+        if conn.invalidated or conn.closed:
+            # Using it would open a new session; the lost one took its lock with it.
+            log.warning("the session holding the run lock was lost; so was its lock")
+            return
+        if conn.in_transaction():  # the caller's, left open by an error: not ours to keep
+            conn.rollback()
+        with conn.begin():
             conn.execute(result.release, result.params)
-        except DBAPIError as exc:
-            log.warning(
-                "could not release the run lock (%s); dropping its connection", describe_error(exc)
-            )
-            conn.invalidate()
+    except DBAPIError as exc:
+        log.warning(
+            "could not release the run lock (%s); dropping its connection", describe_error(exc)
+        )
+        conn.invalidate()
+    finally:
         conn.close()
 
 

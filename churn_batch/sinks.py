@@ -240,6 +240,8 @@ class Sink:
         self.config = config
         self.tables = define_tables(config.table)
         self._engine = create_engine(config.url)
+        # The connection holding each date's run lock (servers): see `lock`.
+        self._lock_connections: dict[date, sa.Connection] = {}
         if self._engine.dialect.name == "sqlite":
             if self._engine.url.database in (None, "", ":memory:"):
                 raise ConfigError(
@@ -289,9 +291,29 @@ class Sink:
 
     # -- locking and runs
 
-    def lock(self, snapshot_date: date) -> contextlib.AbstractContextManager[None]:
-        """Hold the run lock for `snapshot_date`; `RunLocked` at once if it is taken."""
-        return date_lock(self._engine, self.config.table, snapshot_date)
+    @contextlib.contextmanager
+    def lock(self, snapshot_date: date) -> Iterator[None]:
+        """Hold the run lock for `snapshot_date`; `RunLocked` at once if it is taken.
+
+        On PostgreSQL and MariaDB/MySQL the lock belongs to a database session, and
+        `begin_run` and `publication` for this date run on that very session while the
+        lock is held. A run whose lock session the server ended (or the network lost)
+        can then commit nothing: its next statement fails, its publication rolls back,
+        and it ends with `StorageUnavailable` (exit 7) instead of publishing beside the
+        run that took the freed lock. Checking the lock on a separate connection before
+        the commit would leave a window between the check and the commit; one session
+        leaves none.
+        """
+        with date_lock(self._engine, self.config.table, snapshot_date) as conn:
+            if conn is None:
+                yield
+                return
+            _mark_write(conn)
+            self._lock_connections[snapshot_date] = conn
+            try:
+                yield
+            finally:
+                del self._lock_connections[snapshot_date]
 
     def begin_run(
         self, run_id: str, snapshot_date: date, started_at: datetime, model_version: str | None
@@ -324,7 +346,7 @@ class Sink:
             )
             return int(abandoned)
 
-        abandoned = self._write(action)
+        abandoned = self._write_for(snapshot_date, action)
         if abandoned:
             log.info("marked %d unfinished run(s) for %s as abandoned", abandoned, snapshot_date)
         return abandoned
@@ -373,7 +395,11 @@ class Sink:
         _check_length("run_id", run_id, RUN_ID_MAX_LENGTH)
         _check_length("model_version", model_version, MODEL_VERSION_MAX_LENGTH)
         scored_at = _as_utc(scored_at, "scored_at")
-        conn = retrying(self._connect_for_write, self.describe())
+        held = self._lock_connections.get(snapshot_date)
+        if held is None:
+            conn = retrying(self._connect_for_write, self.describe())
+        else:
+            conn = self._usable(held, snapshot_date)
         try:
             with conn.begin():
                 predictions = self.tables.predictions
@@ -388,6 +414,8 @@ class Sink:
                     )
                     behind.drain()
         except DBAPIError as exc:
+            if held is not None and (held.invalidated or is_unavailable(exc)):
+                raise self._lost_lock(snapshot_date, describe_error(exc)) from None
             if is_unavailable(exc):
                 raise StorageUnavailable(
                     f"lost {self.describe()} while publishing {snapshot_date}; nothing was "
@@ -395,7 +423,8 @@ class Sink:
                 ) from None
             raise
         finally:
-            conn.close()
+            if held is None:
+                conn.close()
 
     # -- reading
 
@@ -453,6 +482,35 @@ class Sink:
         conn = self._engine.connect()
         _mark_write(conn)
         return conn
+
+    def _write_for(self, snapshot_date: date, action: Callable[[sa.Connection], T]) -> T:
+        """`_write`, but on the session holding `snapshot_date`'s lock if this sink holds it.
+
+        Not retried there: a new connection would not hold the lock.
+        """
+        held = self._lock_connections.get(snapshot_date)
+        if held is None:
+            return self._write(action)
+        conn = self._usable(held, snapshot_date)
+        try:
+            with conn.begin():
+                return action(conn)
+        except DBAPIError as exc:
+            if conn.invalidated or is_unavailable(exc):
+                raise self._lost_lock(snapshot_date, describe_error(exc)) from None
+            raise
+
+    def _usable(self, held: sa.Connection, snapshot_date: date) -> sa.Connection:
+        if held.invalidated or held.closed:
+            raise self._lost_lock(snapshot_date, "the connection was closed")
+        return held
+
+    def _lost_lock(self, snapshot_date: date, detail: str) -> StorageUnavailable:
+        return StorageUnavailable(
+            f"lost the database session holding the run lock for {snapshot_date} "
+            f"({self.describe()}); another run may take the date now, so this one stopped "
+            f"and published nothing: {detail}"
+        )
 
     def _write(self, action: Callable[[sa.Connection], T]) -> T:
         """Run `action` in its own write transaction, retrying while the database is away."""

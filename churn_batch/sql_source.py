@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from datetime import date, datetime, time
+from time import sleep
 from typing import Any
 
 import pyarrow as pa
@@ -22,7 +23,13 @@ from sqlalchemy.exc import CompileError, DBAPIError, NoSuchTableError
 from churn_batch import sqlite_reader
 from churn_batch.config import ContractConfig, SourceConfig, redact_urls_in
 from churn_batch.contract import as_dates, require_columns
-from churn_batch.db import create_engine, describe_error, retrying
+from churn_batch.db import (
+    RETRY_DELAYS,
+    config_problem_text,
+    create_engine,
+    describe_error,
+    retrying,
+)
 from churn_batch.errors import (
     ConfigError,
     MissingColumns,
@@ -397,15 +404,30 @@ class SqlSource:
                 conn.close()
                 raise
 
-        try:
-            conn, cursor, reader = open_reader()
-        except adbc_driver_manager.OperationalError as exc:
-            raise StorageUnavailable(
-                f"cannot reach {self.describe()}: {redact_urls_in(str(exc).splitlines()[0])}"
-            ) from None
-        except adbc_driver_manager.Error as exc:
-            message = redact_urls_in(str(exc).splitlines()[0])
-            raise ConfigError(f"query on {self.describe()} failed: {message}") from None
+        # As `db.retrying` does for SQLAlchemy: a mistake in the URL is a config error at
+        # once; a server that is away gets the same back-off, then "retry later" (exit 7).
+        for attempt, delay in enumerate((*RETRY_DELAYS, None)):
+            try:
+                conn, cursor, reader = open_reader()
+                break
+            except adbc_driver_manager.OperationalError as exc:
+                message = redact_urls_in(str(exc).splitlines()[0])
+                problem = config_problem_text(str(exc))
+                if problem is not None:
+                    raise ConfigError(
+                        f"cannot use {self.describe()}: {problem} ({message})"
+                    ) from None
+                if delay is None:
+                    raise StorageUnavailable(
+                        f"cannot reach {self.describe()} after {attempt + 1} attempts: {message}"
+                    ) from None
+                log.warning(
+                    "cannot reach %s (%s); retrying in %.1fs", self.describe(), message, delay
+                )
+                sleep(delay)
+            except adbc_driver_manager.Error as exc:
+                message = redact_urls_in(str(exc).splitlines()[0])
+                raise ConfigError(f"query on {self.describe()} failed: {message}") from None
         try:
             yield from reader
         finally:
