@@ -8,10 +8,11 @@ starting in the project.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,17 @@ REPORTS_ENV_VAR = "CHURN_BATCH_REPORTS_DIR"  # where `report` writes, if not rep
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = Path("configs") / "default.toml"
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Every name the job puts into SQL or a path is checked here, once, at load (exit 2),
+# so nothing later has to wonder whether a name is safe. fullmatch, not `^...$`: `$`
+# also matches before a trailing newline.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# PostgreSQL's limit (it silently truncates longer names; MariaDB's is 64).
+MAX_IDENTIFIER_LENGTH = 63
+# The sink also creates the view `<sink.table>_latest`, which must fit the limit too.
+LATEST_VIEW_SUFFIX = "_latest"
+# An alias is a name in registry.json, never a path: no `/`, no `.`; not a version name.
+_ALIAS = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+_VERSION = re.compile(r"v[0-9]+")
 _ENV_REF = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -125,19 +136,30 @@ class Config:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by `***`."""
+    """The URL with its password replaced by `***`, in the user part or the query."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
-        return _URL_PASSWORD.sub(r"\1***@", url)
+        return redact_urls_in(url)
+    # libpq and the MySQL drivers also take `?password=...`, which SQLAlchemy shows.
+    hidden = {key: "***" for key in parsed.query if key.lower() in _SECRET_PARAMETERS}
+    if hidden:
+        parsed = parsed.update_query_dict(hidden)
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 _URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
+_SECRET_PARAMETERS = ("password", "passwd", "pwd", "sslpassword")
+# `password=...` in a URL's query or a libpq conninfo string ("host=h password='x y'").
+_PARAMETER_SECRET = re.compile(
+    r"\b(" + "|".join(_SECRET_PARAMETERS) + r")=('[^']*'|[^&\s'\"]+)", re.IGNORECASE
+)
 
 
 def redact_urls_in(text: str) -> str:
-    """Mask `user:password@` in any URL inside free text (driver error messages echo them)."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
+    """Mask `user:password@` and `password=...` inside free text (driver error messages
+    echo the URL or connection string they failed with)."""
+    return _PARAMETER_SECRET.sub(r"\1=***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -158,8 +180,14 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Confi
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("config file not found", path=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file: {exc}", path=path) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+            "(save the file as UTF-8)",
+            path=path,
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", path=path) from None
     return _Parser(path.resolve(), env).parse(raw)
@@ -180,13 +208,17 @@ class _Parser:
         for section in ("source", "contract", "model", "sink"):
             if section not in raw:
                 raise self.fail(section, "missing section")
+        source = self.source(self.table(raw, "source"))
+        contract = self.contract(self.table(raw, "contract"))
         return Config(
             path=self.path,
-            source=self.source(self.table(raw, "source")),
-            contract=self.contract(self.table(raw, "contract")),
+            source=source,
+            contract=contract,
             model=self.model(self.table(raw, "model")),
             sink=self.sink(self.table(raw, "sink")),
-            monitoring=self.monitoring(self.table(raw, "monitoring", optional=True)),
+            monitoring=self.monitoring(
+                self.table(raw, "monitoring", optional=True), contract.features
+            ),
             training=self.training(self.table(raw, "training", optional=True)),
             secrets=tuple(self.secrets),
         )
@@ -264,28 +296,50 @@ class _Parser:
 
     def model(self, raw: dict[str, Any]) -> ModelConfig:
         self.known(raw, "model", {"registry", "name", "alias"})
-        name = self.optional_string(raw, "model", "name") or "churn"
-        if not _IDENTIFIER.match(name):
-            raise self.fail("model.name", f"{name!r} must be letters, digits and _")
-        return ModelConfig(
-            registry=self.a_path(raw, "model", "registry"),
-            name=name,
-            alias=self.optional_string(raw, "model", "alias") or "champion",
-        )
+        # The name is a directory under the registry: a plain name, never a path.
+        name = self.name_string(raw, "model", "name", default="churn")
+        if not _IDENTIFIER.fullmatch(name) or len(name) > MAX_IDENTIFIER_LENGTH:
+            raise self.fail(
+                "model.name",
+                f"{name!r} must be letters, digits and _ (at most {MAX_IDENTIFIER_LENGTH})",
+            )
+        alias = self.name_string(raw, "model", "alias", default="champion")
+        if not _ALIAS.fullmatch(alias) or _VERSION.fullmatch(alias):
+            raise self.fail(
+                "model.alias",
+                f"{alias!r} is not an alias name (letters, digits, _ and -, at most 64, "
+                "not starting with a digit or -; not a version like v3: pin a version "
+                "with `score --model v3`)",
+            )
+        return ModelConfig(registry=self.a_path(raw, "model", "registry"), name=name, alias=alias)
 
     def sink(self, raw: dict[str, Any]) -> SinkConfig:
         self.known(raw, "sink", {"url", "table"})
-        table = self.optional_string(raw, "sink", "table") or "churn_predictions"
+        table = self.name_string(raw, "sink", "table", default="churn_predictions")
         self.identifier("sink.table", table)
+        longest = MAX_IDENTIFIER_LENGTH - len(LATEST_VIEW_SUFFIX)
+        if len(table) > longest:
+            raise self.fail(
+                "sink.table",
+                f"{table!r} is {len(table)} characters; at most {longest}, so that the view "
+                f"{table}{LATEST_VIEW_SUFFIX} fits the {MAX_IDENTIFIER_LENGTH}-character limit",
+            )
         return SinkConfig(url=self.url(raw, "sink", "url"), table=table)
 
-    def monitoring(self, raw: dict[str, Any]) -> MonitoringConfig:
+    def monitoring(self, raw: dict[str, Any], features_known: Collection[str]) -> MonitoringConfig:
         self.known(raw, "monitoring", {"psi_warn", "psi_block", "missing_rate_block", "features"})
         default = self.thresholds(raw, "monitoring", DriftThresholds())
         features_raw = self.table(raw, "features", optional=True, where="monitoring.features")
         features = {}
         for name, section in features_raw.items():
             key = f"monitoring.features.{name}"
+            if name not in features_known:
+                # A misspelt feature would otherwise silently keep the default thresholds.
+                raise self.fail(
+                    key,
+                    "not a feature of the contract (features: "
+                    f"{', '.join(sorted(features_known))})",
+                )
             if not isinstance(section, dict):
                 raise self.fail(key, "must be a table of thresholds")
             self.known(section, key, {"psi_warn", "psi_block", "missing_rate_block"})
@@ -298,6 +352,8 @@ class _Parser:
         missing = self.number(raw, where, "missing_rate_block", default=base.missing_rate_block)
         if not 0 <= warn <= block:
             raise self.fail(where, f"need 0 <= psi_warn ({warn}) <= psi_block ({block})")
+        if not 0 <= missing <= 1:
+            raise self.fail(f"{where}.missing_rate_block", "must be between 0 and 1")
         return DriftThresholds(psi_warn=warn, psi_block=block, missing_rate_block=missing)
 
     def training(self, raw: dict[str, Any]) -> TrainingConfig:
@@ -351,10 +407,22 @@ class _Parser:
     def optional_string(self, raw: Mapping[str, Any], where: str, key: str) -> str | None:
         return self.string(raw, where, key) if key in raw else None
 
+    def name_string(self, raw: Mapping[str, Any], where: str, key: str, default: str) -> str:
+        """A name with a default: absent gives the default, but an empty one is an error
+        (not silently the default: `table = ""` is a mistake, not a request for it)."""
+        value = self.optional_string(raw, where, key)
+        if value is None:
+            return default
+        if not value:
+            raise self.fail(f"{where}.{key}", "must not be empty")
+        return value
+
     def number(self, raw: Mapping[str, Any], where: str, key: str, default: float) -> float:
         value = raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(f"{where}.{key}", f"must be a number, not {_type_name(value)}")
+        if math.isnan(value):  # TOML has `nan`; every comparison with it is False
+            raise self.fail(f"{where}.{key}", "must be a number, not nan")
         return float(value)
 
     def integer(
@@ -384,12 +452,20 @@ class _Parser:
 
     def identifier(self, key: str, name: str, *, dotted: bool = False) -> None:
         parts = name.split(".") if dotted else [name]
-        if len(parts) > 2 or not all(_IDENTIFIER.match(p) for p in parts):
+        if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
+            schema = " or schema.table" if dotted else ""
             raise self.fail(
                 key,
-                f"{name!r} is not a plain SQL name "
+                f"{name!r} is not a plain SQL name{schema} "
                 "(letters, digits and _, not starting with a digit)",
             )
+        for part in parts:
+            if len(part) > MAX_IDENTIFIER_LENGTH:
+                raise self.fail(
+                    key,
+                    f"{part!r} is {len(part)} characters; SQL names are at most "
+                    f"{MAX_IDENTIFIER_LENGTH} (PostgreSQL would silently cut it)",
+                )
 
     def url(self, raw: Mapping[str, Any], where: str, key: str) -> str:
         value = self.string(raw, where, key, secret=True)
@@ -422,18 +498,25 @@ class _Parser:
             # from every message, wherever a driver echoes it.
             if secret:
                 self.secrets.append(self.env[name])
-                self.secrets.extend(_url_password(self.env[name]))
+                self.secrets.extend(_url_secrets(self.env[name]))
             return self.env[name]
 
         return _ENV_REF.sub(substitute, value)
 
 
-def _url_password(text: str) -> list[str]:
+def _url_secrets(text: str) -> list[str]:
+    """The password(s) inside a URL from the environment, as written and as decoded:
+    a message may quote either (`p%40ss` in a URL, `p@ss` from a driver)."""
+    found = [m.group(0)[len(m.group(1)) : -1] for m in _URL_PASSWORD.finditer(text)]
+    found += [m.group(2).strip("'") for m in _PARAMETER_SECRET.finditer(text)]
     try:
-        password = make_url(text).password
+        url = make_url(text)
     except ArgumentError:
-        return []
-    return [str(password)] if password else []
+        return found
+    if url.password:
+        found.append(str(url.password))
+    found += [str(v) for k, v in url.query.items() if k.lower() in _SECRET_PARAMETERS]
+    return found
 
 
 def _type_name(value: object) -> str:

@@ -5,7 +5,9 @@ DATE or ISO text, dictionary-encoded or plain strings), the valid rows come out 
 one fixed type per column:
 
 - id column: string; date column: date32
-- numeric features: float64, null where the value was missing or unparseable
+- numeric features: float64, null where the value was missing, unparseable or NaN;
+  a row with an infinite number or one of magnitude 2**53 or more is rejected (see
+  `MAX_MAGNITUDE`)
 - categorical features: dictionary-encoded strings, stripped, null where missing or
   blank (each level is encoded once per batch; the scorer and monitor work on codes)
 - label (when asked for): int8 1/0 (null where the snapshot has no outcome yet)
@@ -14,6 +16,7 @@ one fixed type per column:
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,10 +43,24 @@ BAD_ID = "customer id longer than 128 characters or containing control character
 ID_MAX_LENGTH = 128  # the predictions table's key column
 DUPLICATE_ID = "duplicate customer id within the snapshot date"
 INVALID_DATE = "snapshot date is not a valid date"
+INEXACT_ID = "customer id is a number a float cannot hold exactly (infinite or 2**53 or more)"
+# The largest magnitude a number may have: 2**53 - 1, the last integer before float64
+# (what every model here computes in) stops holding integers exactly; from 2**53 on,
+# text like "9007199254740993" already reads as a neighbour. No count, duration or
+# amount of one customer comes near it; a value beyond it (1e308, an int64 sentinel such as
+# 9223372036854775807, an overflowed export) or an infinity is a broken measurement, not
+# a missing one, and the model never saw anything like it: the row is rejected with a
+# reason naming the column, rather than scored on an imputed value (as a missing number
+# is) or on a value whose sums overflow inside the pipeline (numpy RuntimeWarnings, and
+# probabilities of exactly 0 or 1 from a linear model).
+MAX_MAGNITUDE = 2.0**53 - 1
+OUT_OF_RANGE = "number out of range (infinite, or magnitude 2**53 or more) in "
 
 # A plain decimal number, as real exports write them; anything else (" ", "abc",
-# "1,234", "nan", "inf") is a value we cannot trust and becomes null.
+# "1,234", "N/A", "nan") is a value we cannot read: as good as missing, it becomes null.
 _NUMBER = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
+# Infinity spelt out is read as one (and so rejects its row, as a float infinity does).
+_INFINITY = r"^[+-]?(inf|infinity)$"
 
 
 @dataclass(frozen=True)
@@ -52,7 +69,7 @@ class CheckedBatch:
 
     valid: pa.Table
     rejected: pa.Table
-    # Per numeric feature: values present in the input but unparseable, NaN or infinite.
+    # Per numeric feature: values present in the input but unparseable or NaN (now null).
     invalid_numbers: Mapping[str, int] = field(default_factory=dict)
     # Per categorical feature: values not among the levels the model was trained on.
     unseen_levels: Mapping[str, int] = field(default_factory=dict)
@@ -98,6 +115,7 @@ def check_batch(
 
     ids = as_strings(table[contract.id_column])
     ids_rewritten = _rewritten(table[contract.id_column], ids)
+    inexact_id = _inexact(table[contract.id_column])
     dates, date_ok = as_dates(table[contract.date_column])
     missing_id = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)
     if duplicate_ids is None:
@@ -112,26 +130,32 @@ def check_batch(
         False,
     )
 
-    reason = pc.if_else(
-        missing_id,
-        MISSING_ID,
-        pc.if_else(
-            bad_id,
-            BAD_ID,
-            pc.if_else(duplicated, DUPLICATE_ID, pc.if_else(bad_date, INVALID_DATE, None)),
-        ),
-    )
-    keep = pc.is_null(reason)
-
     columns: dict[str, pa.ChunkedArray | pa.Array] = {
         contract.id_column: ids,
         contract.date_column: dates,
     }
     invalid: dict[str, int] = {}
+    out_of_range: dict[str, pa.Array] = {}
     for name in contract.numeric:
-        values, n_invalid = _numbers(table[name])
+        values, n_invalid, beyond = _numbers(table[name])
         columns[name] = values
         invalid[name] = n_invalid
+        if pc.any(beyond).as_py():
+            out_of_range[name] = beyond
+
+    # One reason per row, the most basic one: each mask below overrides the ones before
+    # it, so a missing id wins over everything and an out-of-range number over nothing.
+    reason = _out_of_range_reason(out_of_range, table.num_rows)
+    for mask, text in (
+        (bad_date, INVALID_DATE),
+        (duplicated, DUPLICATE_ID),
+        (inexact_id, INEXACT_ID),
+        (bad_id, BAD_ID),
+        (missing_id, MISSING_ID),
+    ):
+        reason = pc.if_else(mask, text, reason)
+    keep = pc.is_null(reason)
+
     for name in contract.categorical:
         columns[name] = as_levels(table[name])
     if label:
@@ -202,13 +226,20 @@ def as_strings(array: pa.ChunkedArray | pa.Array) -> pa.Array:
         return pa.nulls(len(array), pa.string())
     if pa.types.is_floating(kind):
         array = pc.if_else(pc.is_nan(array), None, array)
-        # 0/1 flags exported as floats must match the same flag stored as integers.
-        integral = pc.equal(pc.floor(array), array)
+        # 0/1 flags exported as floats must match the same flag stored as integers. Only
+        # where float64 holds integers exactly: from 2**53 on (and for infinities) the cast
+        # would wrap (1e20 and 1.5e20 both became "-9223372036854775808", one id).
+        exact = pc.less_equal(pc.abs(array), MAX_MAGNITUDE)
+        integral = pc.and_(pc.equal(pc.floor(array), array), exact)
         as_int = pc.if_else(integral, array, None).cast(pa.int64(), safe=False)
         array = pc.if_else(integral, as_int.cast(pa.string()), array.cast(pa.string()))
     elif pa.types.is_decimal(kind):
-        array = array.cast(pa.float64())
-        return as_strings(array)
+        # As text, exactly (a NUMERIC(20) id does not fit a float), without the trailing
+        # zeros of the scale, so 1.50 and 5.00 read as the floats 1.5 and 5 do.
+        text = array.cast(pa.string())
+        if kind.scale > 0:
+            text = pc.replace_substring_regex(text, r"\.?0+$", "")
+        array = text
     elif not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         array = array.cast(pa.string())
     array = pc.utf8_trim_whitespace(array.cast(pa.string()))
@@ -234,27 +265,70 @@ def as_levels(array: pa.ChunkedArray | pa.Array) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(indices, cleaned.dictionary)
 
 
-def _numbers(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, int]:
-    """Any column as float64; unparseable, NaN and infinite values become null and are counted."""
+def _numbers(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, int, pa.Array]:
+    """Any column as float64, how many present values were unreadable or NaN (now null),
+    and a mask of the rows whose number is out of range (infinite or beyond MAX_MAGNITUDE).
+
+    Out-of-range values are null in the returned values too; the caller rejects their rows.
+    """
     array = _plain(array)
     kind = array.type
     present = len(array) - array.null_count
+    beyond: pa.Array | None = None
     if pa.types.is_null(kind):
-        return pa.nulls(len(array), pa.float64()), 0
+        return pa.nulls(len(array), pa.float64()), 0, pa.nulls(len(array), pa.bool_())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         text = pc.utf8_trim_whitespace(array.cast(pa.string()))
         parsable = pc.match_substring_regex(text, _NUMBER)
+        # "1e999" parses to an infinity, which the range check below catches.
         values = pc.if_else(parsable, text, None).cast(pa.float64())
-    elif pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        beyond = pc.match_substring_regex(text, _INFINITY, ignore_case=True)
+    elif pa.types.is_integer(kind):
+        if kind.bit_width == 64:
+            # Compared as integers: an int64 beyond 2**53 does not even cast to float64.
+            limit = int(MAX_MAGNITUDE)
+            beyond = pc.greater(array, pa.scalar(limit, kind))
+            if pa.types.is_signed_integer(kind):
+                beyond = pc.or_(beyond, pc.less(array, pa.scalar(-limit, kind)))
+            array = pc.if_else(beyond, None, array)
+        values = array.cast(pa.float64())
+    elif pa.types.is_boolean(kind) or pa.types.is_floating(kind):
         values = array.cast(pa.float64())
     elif pa.types.is_decimal(kind):
         values = array.cast(pa.float64(), safe=False)
     else:
-        values = pc.cast(as_strings(array), pa.string())
-        return _numbers(values)
-    finite = pc.is_finite(values)
-    values = pc.if_else(finite, values, None)
-    return values, present - (len(values) - values.null_count)
+        return _numbers(pc.cast(as_strings(array), pa.string()))
+    large = pc.greater(pc.abs(values), MAX_MAGNITUDE)  # infinities included; NaN is not
+    # Kleene: a row already out of range stays so where `large` is null (nulled above).
+    beyond = large if beyond is None else pc.or_kleene(beyond, large)
+    beyond = pc.fill_null(beyond, False)
+    usable = pc.and_(pc.is_finite(values), pc.invert(beyond))
+    values = pc.if_else(usable, values, None)
+    n_beyond = int(pc.sum(beyond).as_py() or 0)
+    return values, present - (len(values) - values.null_count) - n_beyond, beyond
+
+
+def _out_of_range_reason(masks: Mapping[str, pa.Array], rows: int) -> pa.Array:
+    """Per row: the out-of-range reason naming its columns, or null."""
+    text = pa.nulls(rows, pa.string())
+    for name, mask in masks.items():
+        named = pc.if_else(
+            pc.is_null(text),
+            pa.scalar(OUT_OF_RANGE + name),
+            pc.binary_join_element_wise(text, pa.scalar(name), pa.scalar(", ")),
+        )
+        text = pc.if_else(mask, named, text)
+    return text
+
+
+def _inexact(array: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Rows whose id is a float no id can be read from exactly (infinite, from 2**53 on)."""
+    plain = _plain(array)
+    if not pa.types.is_floating(plain.type):
+        return pa.array(np.zeros(len(plain), dtype=bool))
+    values = plain.cast(pa.float64())
+    inexact = pc.or_(pc.is_inf(values), pc.greater(pc.abs(values), MAX_MAGNITUDE))
+    return pc.fill_null(inexact, False)
 
 
 def as_dates(array: pa.ChunkedArray | pa.Array) -> tuple[pa.Array, pa.Array]:
@@ -299,7 +373,7 @@ def _label(array: pa.ChunkedArray | pa.Array, positive: str | int | float | bool
     """1 where the label equals `positive_label`, 0 where it is another value, null if absent."""
     if isinstance(positive, int | float) and not isinstance(positive, bool):
         # A numeric positive label compares as a number: "1", 1 and 1.0 all match 1.
-        values, _ = _numbers(array)
+        values, _, _ = _numbers(array)
         present = pc.is_valid(values)
         hit = pc.equal(values, float(positive))
     else:
@@ -368,10 +442,26 @@ def _rejected(table: pa.Table, ids: pa.Array, reason: pa.Array, mask: pa.Array) 
         {
             "customer_id": ids.filter(mask),
             "reason": reason.filter(mask),
-            "raw": pa.array([json.dumps(row, default=_json_default) for row in raw_rows]),
+            "raw": pa.array([_raw_json(row) for row in raw_rows], pa.string()),
         },
         schema=REJECTED_SCHEMA,
     )
+
+
+def _raw_json(row: dict[str, Any]) -> str:
+    """The row as strict JSON: a non-finite float (a reason to reject it) as its name,
+    "inf" or "nan", since JSON has no such numbers (Python's `Infinity` is not JSON)."""
+    return json.dumps(_finite(row), default=_json_default, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: object) -> object:

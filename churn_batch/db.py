@@ -121,6 +121,7 @@ _CONFIG_TEXTS = (
     (re.compile(r"(ident|peer|scram|md5) authentication failed"), "authentication failed"),
     (re.compile(r"no password supplied"), "the server wants a password and none was given"),
     (re.compile(r"permission denied for database"), "no CONNECT permission on the database"),
+    (re.compile(r'role "[^"]*" is not permitted to log in'), "the user (role) may not log in"),
     (re.compile(r"name or service not known|nodename nor servname|no address associated"
                 r"|unknown (mysql )?server host"), "unknown server host"),
 )  # fmt: skip

@@ -18,6 +18,7 @@ import pyarrow as pa
 from churn_batch.compiled import ArrowScorer, compile_scorer
 from churn_batch.config import ContractConfig
 from churn_batch.contract import features_frame
+from churn_batch.errors import ModelError
 from churn_batch.model import TIER_NAMES, tier_codes
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,25 @@ class BatchScorer:
             self.verified = True
         return fast
 
+    def _check(self, probabilities: np.ndarray[Any, Any], valid: pa.Table) -> None:
+        """Refuse to publish what is not a probability (exit 6, nothing published).
+
+        The contract keeps every number finite and within 2**53, so a working model
+        cannot give NaN; one that does is broken, and NaN would land in the table's
+        FLOAT column unnoticed (every risk tier comparison with it is False: "low").
+        """
+        bad = ~((probabilities >= 0.0) & (probabilities <= 1.0))  # NaN fails both
+        if probabilities.shape != (valid.num_rows,) or bad.any():
+            where = int(np.argmax(bad)) if bad.any() else 0
+            customer = valid[self.contract.id_column][where].as_py() if valid.num_rows else None
+            raise ModelError(
+                f"model {self.model.card.get('version', '?')} gave {int(bad.sum())} of "
+                f"{valid.num_rows} values that are not probabilities (shape "
+                f"{probabilities.shape}; first for customer {customer!r}: "
+                f"{probabilities.ravel()[where] if probabilities.size else None}); "
+                "nothing was published"
+            )
+
     def _pipeline(self, valid: pa.Table) -> np.ndarray[Any, Any]:
         frame = features_frame(valid, self.contract)
         return np.asarray(self.model.predict_proba(frame), np.float64)
@@ -90,6 +110,7 @@ class BatchScorer:
         if valid.num_rows == 0:
             return PREDICTION_SCHEMA.empty_table()
         probabilities = self.probabilities(valid)
+        self._check(probabilities, valid)
         # Three names, coded once: no string per row until the sink writes them.
         codes = pa.array(tier_codes(probabilities, self.model.thresholds), pa.int8())
         tiers = pa.DictionaryArray.from_arrays(codes, pa.array(TIER_NAMES, pa.string()))

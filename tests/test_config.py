@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,100 @@ def test_thresholds_per_feature(tmp_path: Path) -> None:
     assert config.monitoring.for_feature("tenure").psi_warn == 0.2
     bad = GOOD + "\n[monitoring]\npsi_warn = 0.5\npsi_block = 0.2\n"
     assert "need 0 <= psi_warn (0.5) <= psi_block (0.2)" in error_of(tmp_path, bad)
+
+
+# -- every configured identifier, refused at load (exit 2) naming the key -------------------
+
+HOSTILE_NAMES = [
+    'x"; DROP TABLE y; --', "has space", "quo'te", "back`tick", "a.b.c", "", "name\n",
+    "tab\t", "ünï", "1abc", "../x", "/etc/passwd", "a-b", "${HOME}", "x" * 64,
+]  # fmt: skip
+WHERE = {
+    "source.table": ('table = "customer_snapshots"', "table = {}"),
+    "sink.table": ("", "table = {}\n"),  # appended: [sink] is the last section
+    "model.name": ('registry = "models"', 'registry = "models"\nname = {}'),
+    "model.alias": ('registry = "models"', 'registry = "models"\nalias = {}'),
+    "contract.id_column": ('id_column = "customer_id"', "id_column = {}"),
+    "contract.date_column": ('date_column = "snapshot_date"', "date_column = {}"),
+    "contract.label_column": ('label_column = "churned"', "label_column = {}"),
+    "contract.numeric": ('numeric = ["tenure"]', "numeric = [{}]"),
+    "contract.categorical": ('categorical = ["contract"]', "categorical = [{}]"),
+}
+# What each key accepts that another may not: a schema-qualified source table, a - in an alias.
+ALLOWED = {("source.table", "a.b"), ("model.alias", "a-b")}
+
+
+@pytest.mark.parametrize("key", list(WHERE))
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_every_identifier_refuses_what_is_not_a_plain_name(
+    tmp_path: Path, key: str, name: str
+) -> None:
+    old, new = WHERE[key]
+    value = new.format(json.dumps(name))
+    text = GOOD.replace(old, value, 1) if old else GOOD + value
+    if (key, name) in ALLOWED or (key == "model.alias" and name == "x" * 64):
+        assert load_config(write(tmp_path, text), env={"HOME": "/root"})
+        return
+    message = error_of(tmp_path, text, env={"HOME": "/root"})
+    assert message.startswith(f"{tmp_path / 'c.toml'}: {key}: "), message
+
+
+def test_identifier_messages_say_what_is_wrong(tmp_path: Path) -> None:
+    def error(old: str, new: str) -> str:
+        return error_of(tmp_path, GOOD.replace(old, new, 1)).split(": ", 1)[1]
+
+    assert error('table = "customer_snapshots"', 'table = "a\\n"') == (
+        "source.table: 'a\\n' is not a plain SQL name or schema.table "
+        "(letters, digits and _, not starting with a digit)"
+    )  # `$` matched before a trailing newline: it passed
+    long = "x" * 64
+    assert error('id_column = "customer_id"', f'id_column = "{long}"') == (
+        f"contract.id_column: '{long}' is 64 characters; SQL names are at most 63 "
+        "(PostgreSQL would silently cut it)"
+    )
+    sink = "p" * 57
+    text = GOOD + f'table = "{sink}"\n'
+    assert error_of(tmp_path, text).endswith(
+        f"sink.table: '{sink}' is 57 characters; at most 56, so that the view "
+        f"{sink}_latest fits the 63-character limit"
+    )
+    for key, old in (("sink.table", None), ("model.name", "name"), ("model.alias", "alias")):
+        if old is None:
+            text = GOOD + 'table = ""\n'
+        else:
+            text = GOOD.replace('registry = "models"', f'registry = "models"\n{old} = ""')
+        assert error_of(tmp_path, text).endswith(f"{key}: must not be empty")
+    assert error('registry = "models"', 'registry = "models"\nalias = "../x"') == (
+        "model.alias: '../x' is not an alias name (letters, digits, _ and -, at most 64, not "
+        "starting with a digit or -; not a version like v3: pin a version with "
+        "`score --model v3`)"
+    )
+    assert "model.alias: 'v3' is not an alias name" in error(
+        'registry = "models"', 'registry = "models"\nalias = "v3"'
+    )
+
+
+def test_monitoring_names_only_contract_features_and_sane_numbers(tmp_path: Path) -> None:
+    typo = GOOD + "\n[monitoring.features.tenur]\npsi_block = 0.9\n"
+    assert error_of(tmp_path, typo).endswith(
+        "monitoring.features.tenur: not a feature of the contract (features: contract, tenure)"
+    )
+    for value, message in (("nan", "must be a number, not nan"), ("1.5", "must be between 0 and 1"),
+                           ("-0.1", "must be between 0 and 1")):  # fmt: skip
+        text = GOOD + f"\n[monitoring]\nmissing_rate_block = {value}\n"
+        assert error_of(tmp_path, text).endswith(f"monitoring.missing_rate_block: {message}")
+    text = GOOD.replace("[contract]", "[contract]\nmax_invalid_fraction = nan")
+    assert error_of(tmp_path, text).endswith(
+        "contract.max_invalid_fraction: must be a number, not nan"
+    )
+
+
+def test_a_config_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(GOOD.encode() + b"# \xff\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    offset = len(GOOD.encode()) + 2
+    assert str(info.value) == (
+        f"{path}: not UTF-8 text: byte 0xff at offset {offset} (save the file as UTF-8)"
+    )

@@ -257,6 +257,8 @@ def test_a_url_mistake_is_a_config_error_at_once_with_the_password_masked(
     ('could not translate host name "db.example" to address: Temporary failure in name '
      "resolution", None),
     ('connection to server at "127.0.0.1", port 5432 failed: Connection refused', None),
+    ('connection to server at "127.0.0.1", port 5432 failed: FATAL:  role "churn" is not '
+     "permitted to log in", "the user (role) may not log in"),
     ("IO: [libpq] Failed to connect: connection to server at \"127.0.0.1\", port 5432 failed: "
      'FATAL:  database "dw" does not exist', "the database does not exist"),
 ])  # fmt: skip

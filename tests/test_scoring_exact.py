@@ -59,7 +59,8 @@ def _scoring_batch() -> pa.Table:
             values[i] = None
     charges = [float(v) if v is not None else None for v in columns["monthly_charges"]]
     for i in rng.choice(n, 20, replace=False):
-        charges[i] = float(rng.choice([np.nan, np.inf, -1e300]))
+        # The largest magnitudes the contract keeps (2**53 and beyond are rejected).
+        charges[i] = float(rng.choice([np.nan, 2.0**53 - 1, -(2.0**53 - 1)]))
     columns["monthly_charges"] = charges
     return pa.table({k: pa.array(v) for k, v in columns.items()})
 
