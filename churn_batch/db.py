@@ -48,7 +48,10 @@ def create_engine(url: str, *, must_exist: bool = False) -> sa.Engine:
     try:
         # No pool: a batch job opens a handful of connections per run, and a pooled
         # idle connection outliving its engine is a leak warning, not a speed-up.
-        return sa.create_engine(parsed, poolclass=NullPool, connect_args=_connect_args(parsed))
+        # hide_parameters: a driver error must never carry bound values (customer data).
+        return sa.create_engine(
+            parsed, poolclass=NullPool, connect_args=_connect_args(parsed), hide_parameters=True
+        )
     except (NoSuchModuleError, ModuleNotFoundError) as exc:
         extra = _DRIVER_EXTRAS.get(backend)
         hint = f"; install it with: pip install 'churn-batch[{extra}]'" if extra else ""

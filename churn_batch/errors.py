@@ -122,3 +122,26 @@ class ReportError(ChurnBatchError):
         if detail:
             self.message = f"{self.message}\nthe kernel said: {detail}"
             self.args = (self.message,)
+
+
+class Interrupted(BaseException):
+    """The process was asked to stop (SIGINT, SIGTERM): the run rolls back; exit 128 + signal.
+
+    A BaseException, like KeyboardInterrupt, so that `except Exception` clean-up code does
+    not swallow it; not a KeyboardInterrupt, so that click does not turn it into its own
+    "Aborted!" or a bare exit 130 before the CLI has said what was interrupted.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal  # here: the rest of this module needs nothing from the OS
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        try:
+            self.signal_name = signal.Signals(signum).name
+        except ValueError:
+            self.signal_name = f"signal {signum}"
+        super().__init__(signum)  # args hold what __init__ takes: the exception pickles
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal_name}"

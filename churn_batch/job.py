@@ -9,9 +9,13 @@ either commit (`succeeded`) or roll back (`failed` / `blocked`) and say why.
 from __future__ import annotations
 
 import logging
+import re
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -22,7 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from churn_batch import failpoints
 from churn_batch.config import Config, ContractConfig
 from churn_batch.contract import CheckedBatch, check_batch, enforce_invalid_fraction, reason_counts
-from churn_batch.errors import ChurnBatchError, DriftBlocked
+from churn_batch.dates import check_date
+from churn_batch.errors import ChurnBatchError, DriftBlocked, Interrupted
 from churn_batch.monitoring import DriftMonitor, Level, gate
 from churn_batch.prefetch import prefetch
 from churn_batch.registry import LoadedModel, load_model
@@ -37,6 +42,14 @@ log = logging.getLogger(__name__)
 REJECTED_SAMPLE = 10_000
 
 Progress = Callable[[int, int], None]  # (rows done, rows total)
+
+# The signals that ask a run to stop (Ctrl-C; cron's timeout, systemd, Kubernetes; a
+# closed terminal). The CLI turns each into `Interrupted`; see `_StopSignals`.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# The longest line of an unexpected error's message shown or recorded (the traceback,
+# logged by the CLI, keeps the rest).
+MESSAGE_MAX = 500
 
 
 @dataclass
@@ -56,6 +69,9 @@ class RunOutcome:
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[tuple[str, str, float | None]] = field(default_factory=list)
+    # A stop signal that arrived while this (published) run committed: the caller
+    # should stop now, as it would have had the signal come a moment earlier.
+    stop_signal: int | None = None
 
 
 def score_date(
@@ -69,22 +85,98 @@ def score_date(
     """Score one snapshot date and publish it, or leave the previous predictions as they were.
 
     Raises the `ChurnBatchError` that ended the run (after recording it); returns the
-    outcome of a published run.
+    outcome of a published run. A stop signal (see `_StopSignals`) rolls the run back
+    and records it as failed; its handler's exception (`Interrupted` under the CLI) then
+    ends the call.
     """
+    check_date(snapshot_date, what="snapshot date")
     _return_freed_memory()
     outcome = RunOutcome(run_id=str(uuid.uuid4()), snapshot_date=snapshot_date)
     started = time.monotonic()
-    with Sink(config.sink) as sink:
-        sink.prepare()
-        _run_locked(config, sink, outcome, model_ref, allow_drift, progress)
+    stops = _StopSignals()
+    try:
+        with Sink(config.sink) as sink:
+            sink.prepare()
+            _run_locked(config, sink, outcome, stops, model_ref, allow_drift, progress)
+    except Exception:
+        signum = stops.release()
+        if signum is not None:
+            _deliver(signum)  # the stop that waited for the failure to be recorded
+        raise
+    except BaseException:
+        stops.release()  # already stopping: a second signal adds nothing
+        raise
+    outcome.stop_signal = stops.release()
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+class _StopSignals:
+    """Holds the stop signals while a run commits, rolls back or records its end.
+
+    Python runs a signal handler in the main thread between any two bytecodes, and the
+    CLI's raises `Interrupted`: while the body of a publication runs, that is what rolls
+    it back. Raised later, it would do harm: after the commit, the run would be recorded
+    as failed although published; during a rollback, the connection could be rolled back
+    while the write-behind thread still used it; while recording a failure, the record
+    would be lost. From `hold()` on, a stop signal is only noted; `release()` puts the
+    previous handlers back and returns it, and the caller acts on it. Only the main
+    thread can set handlers, so elsewhere this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def hold(self) -> None:
+        if self._saved or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in STOP_SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous is None or previous is signal.SIG_IGN:
+                continue  # not set from Python, or ignored on purpose (nohup)
+            self._saved[signum] = signal.signal(signum, self._note)
+
+    def release(self) -> int | None:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved.clear()
+        pending, self.pending = self.pending, None
+        return pending
+
+    def release_and_deliver(self) -> None:
+        signum = self.release()
+        if signum is not None:
+            _deliver(signum)
+
+    def _note(self, signum: int, frame: object) -> None:
+        if self.pending is None:
+            self.pending = signum
+
+
+def _deliver(signum: int) -> None:
+    """Act on a held signal now, as its handler would have when it came."""
+    handler = signal.getsignal(signum)
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
+
+
+@contextmanager
+def _held_from_exit(stops: _StopSignals) -> Iterator[None]:
+    """Hold the stop signals from the moment the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        stops.hold()
 
 
 def _run_locked(
     config: Config,
     sink: Sink,
     outcome: RunOutcome,
+    stops: _StopSignals,
     model_ref: str | None,
     allow_drift: bool,
     progress: Progress | None,
@@ -92,16 +184,28 @@ def _run_locked(
     snapshot_date = outcome.snapshot_date
     started = time.monotonic()
     with sink.lock(snapshot_date):
-        abandoned = sink.begin_run(outcome.run_id, snapshot_date, _now(), None)
-        if abandoned:
-            log.warning("marked %d earlier run(s) for %s as abandoned", abandoned, snapshot_date)
-        failpoints.hit("run.started")
         rejected_sample: list[pa.Table] = []
+        recorded = False
         try:
-            _publish(config, outcome, sink, model_ref, allow_drift, progress, rejected_sample)
+            # Held: a stop between the insert and `recorded` would leave the run
+            # `running` (until the next run marks it abandoned) instead of `failed`.
+            stops.hold()
+            abandoned = sink.begin_run(outcome.run_id, snapshot_date, _now(), None)
+            recorded = True
+            stops.release_and_deliver()
+            if abandoned:
+                log.warning(
+                    "marked %d earlier run(s) for %s as abandoned", abandoned, snapshot_date
+                )
+            failpoints.hit("run.started")
+            _publish(
+                config, outcome, sink, stops, model_ref, allow_drift, progress, rejected_sample
+            )
         except BaseException as exc:
+            stops.hold()
             outcome.seconds = time.monotonic() - started
-            _record_failure(config, sink, outcome, exc, rejected_sample)
+            if recorded:
+                _record_failure(config, sink, outcome, exc, rejected_sample)
             raise
 
 
@@ -113,6 +217,7 @@ def _publish(
     config: Config,
     outcome: RunOutcome,
     sink: Sink,
+    stops: _StopSignals,
     model_ref: str | None,
     allow_drift: bool,
     progress: Progress | None,
@@ -126,13 +231,16 @@ def _publish(
         "scoring %s: %d rows from %s with model %s",
         outcome.snapshot_date, summary.rows, source.describe(), model.version,
     )  # fmt: skip
-    # Each restart below changes what the next attempt does, so none comes twice.
+    # Each restart below changes what the next attempt does, so none comes twice. The
+    # rollback before one held the stop signals: each lets them through again first (one
+    # that came meanwhile stops the run there).
     while True:
         try:
-            _publish_once(config, outcome, sink, model, source, summary, allow_drift,
+            _publish_once(config, outcome, sink, stops, model, source, summary, allow_drift,
                           progress, rejected_sample)  # fmt: skip
             return
         except _IdsChangedByCleaning:
+            stops.release_and_deliver()
             # Rolled back. Rare (ids padded with whitespace): judge repeats on cleaned ids.
             log.info(
                 "ids of %s change when trimmed, so repeats found among the stored ids may "
@@ -146,16 +254,19 @@ def _publish(
             # row path (SQLite columns mixing storage classes).
             if not isinstance(source, SqlSource) or source.portable:
                 raise
+            stops.release_and_deliver()
             log.info("%s; starting the publication over, reading row by row", exc)
             source.use_portable_path()
         outcome.rows_read = outcome.rows_scored = outcome.rows_rejected = 0
         rejected_sample.clear()
+        failpoints.hit("publish.restart")
 
 
 def _publish_once(
     config: Config,
     outcome: RunOutcome,
     sink: Sink,
+    stops: _StopSignals,
     model: LoadedModel,
     source: SnapshotSource,
     summary: SnapshotSummary,
@@ -170,13 +281,19 @@ def _publish_once(
     invalid_numbers: dict[str, int] = {}
     sampled = 0
     scored_at = _now()
-    with sink.publication(outcome.snapshot_date, outcome.run_id, model.version, scored_at) as pub:
-        # Four threads: "read" reads ahead, "check" checks what was read against the
-        # contract, this one scores and monitors, and the publication's writes behind.
-        # Reading waits on the server most; the check beside it took a fifth of the wall.
-        batches = prefetch(_read(source, outcome.snapshot_date), depth=1, name="read")
-        checked_batches = _checked(batches, contract, summary, monitor.known_levels)
-        for checked in prefetch(checked_batches, depth=1, name="check"):
+    # Four threads: "read" reads ahead, "check" checks what was read against the
+    # contract, this one scores and monitors, and the publication's writes behind.
+    # Reading waits on the server most; the check beside it took a fifth of the wall.
+    batches = prefetch(_read(source, outcome.snapshot_date), depth=1, name="read")
+    stream = prefetch(
+        _checked(batches, contract, summary, monitor.known_levels), depth=1, name="check"
+    )
+    publication = sink.publication(outcome.snapshot_date, outcome.run_id, model.version, scored_at)
+    # Left last to first: the stop signals are held, the publication commits or rolls
+    # back, then the check and read threads stop (each closing its source) instead of
+    # reading on for as long as a traceback keeps their generators alive.
+    with closing(stream) as checked_batches, publication as pub, _held_from_exit(stops):
+        for checked in checked_batches:
             if summary.as_stored and checked.ids_rewritten:
                 raise _IdsChangedByCleaning
             predictions = scorer.score(checked.valid)
@@ -236,6 +353,7 @@ def _publish_once(
             model_version=model.version,
         )  # fmt: skip
         failpoints.hit("publish.before_commit")
+    failpoints.hit("publish.committed")  # signals are held from here to the run's end
     log.info(
         "published %d predictions for %s (%d rejected)",
         outcome.rows_scored, outcome.snapshot_date, outcome.rows_rejected,
@@ -290,8 +408,14 @@ def _record_failure(
     failpoints.hit("run.record_failure")
     blocked = isinstance(exc, DriftBlocked)
     outcome.status = "blocked" if blocked else "failed"
-    outcome.exit_code = exc.exit_code if isinstance(exc, ChurnBatchError) else 1
-    message = str(exc) if isinstance(exc, ChurnBatchError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C where no handler makes it Interrupted
+        exc = Interrupted(signal.SIGINT)
+    if isinstance(exc, Interrupted):
+        outcome.exit_code = exc.exit_code
+        message = f"{exc}; nothing was published, the previous predictions stay"
+    else:
+        outcome.exit_code = exc.exit_code if isinstance(exc, ChurnBatchError) else 1
+        message = describe_failure(exc)
     outcome.error = config.redact(message)
     try:
         sink.finish_run(
@@ -308,7 +432,32 @@ def _record_failure(
             )
     except (ChurnBatchError, LookupError, ValueError, SQLAlchemyError) as record_error:
         # The run already failed; failing to record it must not hide the first error.
-        log.error("could not record the failed run %s: %s", outcome.run_id, record_error)
+        log.error(
+            "could not record the failed run %s: %s", outcome.run_id, describe_failure(record_error)
+        )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What ended a run, in one line for a terminal, a log line and the runs table.
+
+    A churn-batch error's own message. Anything else is a bug: its type and the first
+    line of its message. For a database error that line is SQLAlchemy's "(driver
+    error class) driver message"; the lines after it hold the whole statement and its
+    parameters (kilobytes, and customer data). The logged traceback keeps the detail.
+    """
+    if isinstance(exc, ChurnBatchError | Interrupted):
+        return without_statement(str(exc))
+    lines = str(exc).strip().splitlines()
+    line = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return line if len(line) <= MESSAGE_MAX else line[: MESSAGE_MAX - 1] + "…"
+
+
+def without_statement(text: str) -> str:
+    """`text` without the SQL statement and parameters SQLAlchemy appends to its errors."""
+    return _STATEMENT.split(text, maxsplit=1)[0]
+
+
+_STATEMENT = re.compile(r"\s*\n\[SQL: |\s*\n\[parameters: |\s*\(Background on this error at: ")
 
 
 def _return_freed_memory() -> None:

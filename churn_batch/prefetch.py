@@ -8,17 +8,30 @@ the job reads on one thread and checks on another.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 _DONE = object()
 
+# How long a consumer that stops early waits for its producer to notice. A producer
+# notices between items; one inside a long driver call (a query's first batch) may not
+# for a while, and a run being stopped by SIGTERM must not wait for it: after this, the
+# daemon thread is left to stop at its next item (closing its source then) or with the
+# process.
+STOP_WAIT_SECONDS = 5.0
 
-def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch") -> Iterator[T]:
+
+def prefetch(
+    items: Iterator[T], depth: int = 2, name: str = "prefetch"
+) -> Generator[T, None, None]:
     """Yield `items` in order while a thread (`name`) produces up to `depth` ahead.
 
     An exception in the producer is re-raised in the consumer; if the consumer stops
@@ -27,20 +40,24 @@ def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch") -> Iter
     buffer: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: object) -> bool:
+        """Queue `item` unless the consumer has stopped (then nobody would take it)."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    break
-            buffer.put(_DONE)
+                if not offer(item):
+                    return
+            offer(_DONE)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            buffer.put(exc)
+            offer(exc)
         finally:
             close = getattr(items, "close", None)
             if close is not None:
@@ -58,8 +75,13 @@ def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch") -> Iter
             yield item  # type: ignore[misc]
     finally:
         stop.set()
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
         while thread.is_alive():
-            try:
-                buffer.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.1)
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "the %s thread is still busy %.0fs after its consumer stopped; "
+                    "leaving it to stop after its current item",
+                    name, STOP_WAIT_SECONDS,
+                )  # fmt: skip
+                break
+            thread.join(timeout=0.1)

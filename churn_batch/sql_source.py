@@ -371,7 +371,9 @@ class SqlSource:
         try:
             yield from sqlite_reader.read(request)
         except sqlite_reader.ReaderFailed as exc:
-            raise StorageUnavailable(f"reading {self.describe()} failed: {exc}") from None
+            raise StorageUnavailable(
+                f"reading {self.describe()} failed: {redact_urls_in(str(exc))}"
+            ) from None
 
     def _adbc_stream(
         self, lo: date | None, hi: date | None, columns: Sequence[str] | None

@@ -127,6 +127,9 @@ exit_meaning() {
         6) echo "model missing or incompatible" ;;
         7) echo "storage unavailable, retry later" ;;
         8) echo "locked by another run, retry later" ;;
+        129) echo "interrupted by SIGHUP, rolled back" ;;
+        130) echo "interrupted by SIGINT, rolled back" ;;
+        143) echo "interrupted by SIGTERM, rolled back" ;;
         *) echo "exit $1" ;;
     esac
 }

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -232,9 +233,18 @@ def test_gives_up_after_the_retries_and_keeps_the_last_success(
     assert run_job(project / "jobs/report.sh", "2026-05-01", home=home,
                    env=fake_env(fake, "0")).returncode == 0  # fmt: skip
     prom = project / "logs/metrics/churn_batch_report.prom"
-    succeeded = metrics(prom)['churn_batch_last_success_timestamp_seconds{job="report"}']
+    key = 'churn_batch_last_success_timestamp_seconds{job="report"}'
+    assert abs(metrics(prom)[key] - time.time()) < 60
+    # Backdate that success, as if it were a day old: a failed run that wrongly refreshed
+    # the timestamp would now differ from it, without waiting for the clock to tick.
+    succeeded = int(time.time()) - 86_400
+    prom.write_text(
+        re.sub(rf"^{re.escape(key)} \d+$", f"{key} {succeeded}", prom.read_text(encoding="utf-8"),
+               flags=re.MULTILINE),
+        encoding="utf-8",
+    )  # fmt: skip
+    assert metrics(prom)[key] == succeeded
     (fake.parent / "calls").unlink()
-    time.sleep(1.1)  # so that a wrongly refreshed timestamp would differ
 
     env = {**fake_env(fake, "7 7 7 7 7"), "CHURN_BATCH_RETRIES": "2"}
     result = run_job(project / "jobs/report.sh", "2026-05-01", home=home, env=env)
@@ -243,7 +253,7 @@ def test_gives_up_after_the_retries_and_keeps_the_last_success(
     samples = metrics(prom)
     assert samples['churn_batch_last_exit_code{job="report"}'] == 7
     assert samples['churn_batch_last_attempts{job="report"}'] == 3
-    assert samples['churn_batch_last_success_timestamp_seconds{job="report"}'] == succeeded
+    assert samples[key] == succeeded
     assert samples['churn_batch_last_run_timestamp_seconds{job="report"}'] > succeeded
     assert "rows_scored" not in prom.read_text(encoding="utf-8")  # only the score job has rows
 
@@ -363,7 +373,8 @@ def test_crontab_commands_publish_and_report(project_copy: Path, tmp_path: Path)
     assert cron_command(weekly, variables, home) == 0
     assert cron_command(nightly, variables, home) == 0
 
-    with sqlite3.connect(project_copy / "data/churn.db") as db:
+    # closing(): `with sqlite3.connect()` only commits and leaves the connection open.
+    with closing(sqlite3.connect(project_copy / "data/churn.db")) as db:
         published = db.execute(
             "SELECT count(*) FROM churn_predictions WHERE snapshot_date = ?",
             (yesterday.isoformat(),),
