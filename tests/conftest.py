@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from churn_batch.config import Config
 
@@ -96,3 +97,36 @@ def project(template: Path, tmp_path: Path) -> Config:
     from .scoring_fixtures import copy_project
 
     return copy_project(template, tmp_path / "project")
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mariadb", marks=pytest.mark.mariadb)])  # fmt: skip
+def namespace_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A URL into a fresh PostgreSQL schema or MariaDB database, dropped afterwards.
+
+    PostgreSQL sessions carry an application_name of the test's own, so the test can
+    find (and terminate) exactly the job's sessions in pg_stat_activity.
+    """
+    base = server_url(POSTGRES_ENV if request.param == "postgres" else MARIADB_ENV)
+    name = f"cbt_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    url = sa.make_url(base)
+    if request.param == "postgres":
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
+        scoped = url.update_query_dict({"options": f"-csearch_path={name}",
+                                        "application_name": name})  # fmt: skip
+    else:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+        scoped = url.set(database=name)
+    try:
+        yield scoped.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            if request.param == "postgres":
+                conn.execute(sa.text("SET lock_timeout = '20s'"))
+                conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+            else:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()

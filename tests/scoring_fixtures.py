@@ -12,12 +12,14 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from churn_batch import synthetic, training
 from churn_batch.config import Config, load_config
 from churn_batch.model import SearchSpace
+from churn_batch.sinks import Sink
 
 FIRST = date(2024, 6, 1)
 DAYS = 4
@@ -118,3 +120,18 @@ def predictions(db: Path, day: date | None = None) -> list[tuple[Any, ...]]:
             query += " WHERE snapshot_date = ?"
             params = (day.isoformat(),)
         return sorted(conn.execute(query + " ORDER BY snapshot_date, customer_id", params))
+
+
+def server_project(template: Path, root: Path, url: str, customers: int, batch: int) -> Config:
+    root.mkdir(parents=True)
+    shutil.copytree(template.parent / "models", root / "models")
+    path = write_config(root, source_url=url, batch_size=batch)
+    engine = sa.create_engine(url, poolclass=NullPool)
+    synthetic.write_sql(synthetic.generate_snapshots(customers, FIRST, 4, seed=3), engine)
+    engine.dispose()
+    return load_config(path)
+
+
+def published(config: Config, day: date) -> pa.Table:
+    with Sink(config.sink) as sink:
+        return sink.predictions(day)

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from churn_batch.registry import Registry
 from churn_batch.sinks import Sink
 from churn_batch.sources import open_source
 
+from .processes import kill_and_reap, wait_for_file
 from .scoring_fixtures import (
     CUSTOMERS,
     DAYS,
@@ -288,15 +288,6 @@ def test_abandoned_run_is_marked_by_the_next(project: Config) -> None:
 # -- real processes -----------------------------------------------------------------
 
 
-def _wait_for_file(path: Path, child: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    """Until `path` exists (a paused failpoint touched it), or fail if the child died."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert child.poll() is None, f"the run ended (exit {child.returncode}) before {path.name}"
-        assert time.monotonic() < deadline, f"no {path} within {timeout:.0f} s"
-        time.sleep(0.02)
-
-
 def test_sigkill_mid_write_leaves_previous_predictions(template: Path, tmp_path: Path) -> None:
     config = copy_project(template, tmp_path / "p")
     write_config(config.path.parent, batch_size=50)  # a dozen batches: mid-write is real
@@ -314,7 +305,7 @@ def test_sigkill_mid_write_leaves_previous_predictions(template: Path, tmp_path:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     try:
-        _wait_for_file(paused / "publish.write", child)
+        wait_for_file(paused / "publish.write", child)
 
         # A second run for the same date is refused at once while the first holds the lock.
         second = run_cli("--config", str(config.path), "score", "--date", LAST.isoformat())
@@ -326,9 +317,7 @@ def test_sigkill_mid_write_leaves_previous_predictions(template: Path, tmp_path:
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait(timeout=60) == -signal.SIGKILL
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
+        kill_and_reap(child)
     assert predictions(db(config)) == before
     statuses = {r["run_id"]: r["status"] for r in run_rows(config)}
     (dead,) = statuses.keys() - {published["run_id"]}

@@ -33,6 +33,7 @@ from churn_batch.config import load_config
 from churn_batch.prefetch import prefetch
 
 from .conftest import MARIADB_ENV, POSTGRES_ENV, server_url
+from .processes import kill_and_reap, wait_for_file
 from .scoring_fixtures import (
     CUSTOMERS,
     FIRST,
@@ -89,18 +90,6 @@ def start(root: Path, failpoints: str, *args: str) -> tuple[subprocess.Popen[str
     return child, paused
 
 
-def wait_for(path: Path, child: subprocess.Popen[str]) -> None:
-    """Until `path` exists (a paused failpoint touched it); fail if the child ended first."""
-    deadline = time.monotonic() + DEADLINE
-    while not path.exists():
-        assert time.monotonic() < deadline, f"no {path} within {DEADLINE:.0f} s"
-        try:
-            code = child.wait(timeout=0.05)  # waits on the child itself, not on a timer
-        except subprocess.TimeoutExpired:
-            continue
-        raise AssertionError(f"the run ended (exit {code}) before {path.name}")
-
-
 def output(root: Path) -> tuple[str, str]:
     return (root / "child.out").read_text(), (root / "child.err").read_text()
 
@@ -125,15 +114,13 @@ def test_a_stop_signal_rolls_score_back_and_records_why(
     # Paused in the main thread with its second batch queued into the open publication.
     child, paused = start(root, "publish.write=pause@2", "score", "--date", str(LAST))
     try:
-        wait_for(paused / "publish.write", child)
+        wait_for_file(paused / "publish.write", child)
         (running,) = (r for r in runs(root, LAST) if r["run_id"] != published["run_id"])
         assert running["status"] == "running"
         child.send_signal(signum)
         assert child.wait(timeout=DEADLINE) == code
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
+        kill_and_reap(child)
 
     stdout, stderr = output(root)
     assert stdout == ""
@@ -211,13 +198,11 @@ def test_an_interrupted_backfill_reports_what_it_finished(root: Path) -> None:
     child, paused = start(root, f"publish.write=pause@{BATCHES + 2}",
                           "backfill", "--start", str(FIRST), "--end", str(LAST))  # fmt: skip
     try:
-        wait_for(paused / "publish.write", child)
+        wait_for_file(paused / "publish.write", child)
         child.send_signal(signum)
         assert child.wait(timeout=DEADLINE) == code
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
+        kill_and_reap(child)
 
     stdout, stderr = output(root)
     assert "Traceback" not in stderr
@@ -273,13 +258,11 @@ def test_a_run_that_started_over_can_still_be_stopped(root: Path) -> None:
         conn.execute("INSERT INTO customer_snapshots SELECT * FROM padded")
     child, paused = start(root, "publish.restart=pause", "score", "--date", str(LAST))
     try:
-        wait_for(paused / "publish.restart", child)
+        wait_for_file(paused / "publish.restart", child)
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=DEADLINE) == 143
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
+        kill_and_reap(child)
     stderr = output(root)[1]
     assert "starting the publication over" in stderr
     assert stderr.splitlines()[-1] == (
@@ -339,13 +322,11 @@ def test_sigterm_rolls_back_on_a_server(server_root: tuple[Path, sa.Engine]) -> 
     before = table(ordered)
     child, paused = start(root, "publish.write=pause@2", "score", "--date", str(LAST))
     try:
-        wait_for(paused / "publish.write", child)
+        wait_for_file(paused / "publish.write", child)
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=DEADLINE) == 143
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
+        kill_and_reap(child)
     assert output(root)[1].splitlines()[-1] == (
         f"Error: interrupted by SIGTERM while scoring {LAST}; {UNTOUCHED}"
     )

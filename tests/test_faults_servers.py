@@ -19,81 +19,30 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from churn_batch import db, job, locks, synthetic
-from churn_batch.config import Config, SinkConfig, load_config, redact_url
+from churn_batch import db, job, locks
+from churn_batch.config import Config, SinkConfig, redact_url
 from churn_batch.errors import RunLocked, StorageUnavailable
 from churn_batch.sinks import Sink
 
 from .conftest import MARIADB_ENV, POSTGRES_ENV, server_url
-from .scoring_fixtures import FIRST, LAST, run_cli, write_config
+from .scoring_fixtures import FIRST, LAST, published, run_cli, server_project, write_config
 
 DEADLINE = 120.0  # seconds any wait for an event may take on a loaded 2-core machine
 EXE = str(Path(sys.executable).parent / "churn-batch")
-
-
-@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres),
-                        pytest.param("mariadb", marks=pytest.mark.mariadb)])  # fmt: skip
-def namespace_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A URL into a fresh PostgreSQL schema or MariaDB database, dropped afterwards.
-
-    PostgreSQL sessions carry an application_name of the test's own, so the test can
-    find (and terminate) exactly the job's sessions in pg_stat_activity.
-    """
-    base = server_url(POSTGRES_ENV if request.param == "postgres" else MARIADB_ENV)
-    name = f"cbf_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base, poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    url = sa.make_url(base)
-    if request.param == "postgres":
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-        scoped = url.update_query_dict({"options": f"-csearch_path={name}",
-                                        "application_name": name})  # fmt: skip
-    else:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-        scoped = url.set(database=name)
-    try:
-        yield scoped.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            if request.param == "postgres":
-                conn.execute(sa.text("SET lock_timeout = '20s'"))
-                conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
-            else:
-                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
-
-
-def server_project(template: Path, root: Path, url: str, customers: int, batch: int) -> Config:
-    root.mkdir(parents=True)
-    shutil.copytree(template.parent / "models", root / "models")
-    path = write_config(root, source_url=url, batch_size=batch)
-    engine = sa.create_engine(url, poolclass=NullPool)
-    synthetic.write_sql(synthetic.generate_snapshots(customers, FIRST, 4, seed=3), engine)
-    engine.dispose()
-    return load_config(path)
-
-
-def published(config: Config, day: date) -> pa.Table:
-    with Sink(config.sink) as sink:
-        return sink.predictions(day)
 
 
 def runs_of(config: Config, day: date) -> list[dict[str, Any]]:

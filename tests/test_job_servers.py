@@ -3,71 +3,25 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from churn_batch import synthetic
-from churn_batch.config import Config, load_config
 from churn_batch.contract import DUPLICATE_ID, check_batch, features_frame
 from churn_batch.errors import RunLocked
 from churn_batch.registry import Registry
 from churn_batch.sinks import Sink
 from churn_batch.sources import open_source
 
-from .conftest import MARIADB_ENV, POSTGRES_ENV, server_url
-from .scoring_fixtures import FIRST, LAST, run_cli, write_config
-
-
-@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres),
-                        pytest.param("mariadb", marks=pytest.mark.mariadb)])  # fmt: skip
-def namespace_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A URL into a fresh PostgreSQL schema or MariaDB database, dropped afterwards."""
-    base = server_url(POSTGRES_ENV if request.param == "postgres" else MARIADB_ENV)
-    name = f"cbj_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(base, poolclass=NullPool)
-    url = sa.make_url(base)
-    if request.param == "postgres":
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-        scoped = url.update_query_dict({"options": f"-csearch_path={name}"})
-    else:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        scoped = url.set(database=name)
-    yield scoped.render_as_string(hide_password=False)
-    with admin.begin() as conn:
-        kind = "SCHEMA" if request.param == "postgres" else "DATABASE"
-        cascade = " CASCADE" if request.param == "postgres" else ""
-        conn.execute(sa.text(f"DROP {kind} IF EXISTS {name}{cascade}"))
-    admin.dispose()
-
-
-def server_project(template: Path, root: Path, url: str, customers: int, batch: int) -> Config:
-    root.mkdir(parents=True)
-    shutil.copytree(template.parent / "models", root / "models")
-    path = write_config(root, source_url=url, batch_size=batch)
-    engine = sa.create_engine(url, poolclass=NullPool)
-    synthetic.write_sql(synthetic.generate_snapshots(customers, FIRST, 4, seed=3), engine)
-    engine.dispose()
-    return load_config(path)
-
-
-def published(config: Config, day: date) -> pa.Table:
-    with Sink(config.sink) as sink:
-        return sink.predictions(day)
+from .processes import kill_and_reap, wait_for_file
+from .scoring_fixtures import FIRST, LAST, published, run_cli, server_project, write_config
 
 
 def test_score_publishes_exactly_and_reruns_idempotently(
@@ -170,17 +124,11 @@ def test_sigkill_mid_write_leaves_previous_predictions(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not (paused / "publish.write").exists():
-            assert child.poll() is None, f"the run ended (exit {child.returncode}) unpaused"
-            assert time.monotonic() < deadline, "the run never reached its third batch"
-            time.sleep(0.02)
+        wait_for_file(paused / "publish.write", child)
         os.kill(child.pid, signal.SIGKILL)
         assert child.wait(timeout=60) == -signal.SIGKILL
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
+        kill_and_reap(child)
     after = published(config, LAST)
     assert after.equals(before), "previous predictions exactly as they were"
     with Sink(config.sink) as sink:

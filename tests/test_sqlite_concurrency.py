@@ -16,12 +16,12 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from datetime import date, timedelta
 from pathlib import Path
 
 from churn_batch.config import Config
 
+from .processes import kill_and_reap, wait_for_file
 from .scoring_fixtures import DAYS, FIRST, LAST, run_cli, sqlite_db
 
 EXE = str(Path(sys.executable).parent / "churn-batch")
@@ -129,14 +129,6 @@ def test_several_dates_at_once_on_one_file_all_publish(project: Config, tmp_path
             assert run_statuses(path, day) == ["succeeded"] * (trial + 1), f"trial {trial + 1}"
 
 
-def _wait_for_file(path: Path, child: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not path.exists():
-        assert child.poll() is None, f"the run ended (exit {child.returncode}) before {path.name}"
-        assert time.monotonic() < deadline, f"no {path} within {TIMEOUT:.0f} s"
-        time.sleep(0.02)
-
-
 def test_a_second_run_of_a_held_date_exits_8(project: Config, tmp_path: Path) -> None:
     """Deterministic: the first run holds the date (paused just after taking the lock and
     recording itself); a second run of that date exits 8 and touches nothing."""
@@ -151,7 +143,7 @@ def test_a_second_run_of_a_held_date_exits_8(project: Config, tmp_path: Path) ->
     first = subprocess.Popen([EXE, *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=env)  # fmt: skip
     try:
-        _wait_for_file(paused / "run.started", first)
+        wait_for_file(paused / "run.started", first)
         second = run_cli(*args)
         assert second.returncode == 8, second.stderr
         lock_file = f"{path}.locks/churn_predictions-{LAST}.lock"
@@ -161,9 +153,7 @@ def test_a_second_run_of_a_held_date_exits_8(project: Config, tmp_path: Path) ->
         os.kill(first.pid, signal.SIGKILL)
         assert first.wait(timeout=60) == -signal.SIGKILL
     finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait()
+        kill_and_reap(first)
     with sqlite_db(path) as conn:
         assert sorted(conn.execute("SELECT * FROM churn_predictions")) == before
         statuses = sorted(r[0] for r in conn.execute("SELECT status FROM churn_scoring_runs"))

@@ -8,10 +8,8 @@ that the child streams exactly what the row path reads, and that it is always re
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -25,18 +23,11 @@ from churn_batch.config import Config
 from churn_batch.sql_source import SQLITE_CHILD_MIN_ROWS
 from churn_batch.sqlite_reader import PortablePathNeeded, ReaderFailed, ReadRequest
 
+from .processes import kill_and_reap, wait_for_file
 from .scoring_fixtures import LAST, predictions, run_cli, sqlite_db, write_config
 
 ADBC_SQLITE_LIBRARY = "libadbc_driver_sqlite"
 DEADLINE_SECONDS = 120.0
-
-
-def _wait_for(path: Path, child: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while not path.exists():
-        assert child.poll() is None, f"the run ended ({child.returncode}) before {path.name}"
-        assert time.monotonic() < deadline, f"{path.name} never reached"
-        time.sleep(0.02)  # polling an event with a deadline, not a guess of its timing
 
 
 def _publish(project: Config) -> list[tuple[object, ...]]:
@@ -58,12 +49,6 @@ def _children(pid: int) -> list[int]:
         text = (task / "children").read_text().split()
         found.extend(int(child) for child in text)
     return found
-
-
-def _kill_group(child: subprocess.Popen[bytes]) -> None:
-    if child.poll() is None:
-        os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
@@ -90,12 +75,12 @@ def test_the_job_process_never_loads_adbc_sqlite_while_its_reader_child_does(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
     )  # fmt: skip
     try:
-        _wait_for(pauses / "publish.write", child)
+        wait_for_file(pauses / "publish.write", child)
         assert ADBC_SQLITE_LIBRARY not in _maps(child.pid)
         readers = [pid for pid in _children(child.pid) if ADBC_SQLITE_LIBRARY in _maps(pid)]
         assert len(readers) == 1, "the snapshot is read by ADBC in one child process"
     finally:
-        _kill_group(child)
+        kill_and_reap(child, group=True)
     assert predictions(root / "data" / "churn.db", LAST) == before
 
 
