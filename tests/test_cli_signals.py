@@ -85,9 +85,17 @@ def start(root: Path, failpoints: str, *args: str) -> tuple[subprocess.Popen[str
     with out, err:  # the child holds its own copies of the descriptors
         child = subprocess.Popen(
             [str(EXE), "--config", str(root / "churn.toml"), *args],
-            stdout=out, stderr=err, env=env, text=True,
+            stdout=out, stderr=err, env=env, text=True, preexec_fn=_stop_signals_by_default,
         )  # fmt: skip
     return child, paused
+
+
+def _stop_signals_by_default() -> None:
+    """In the child, before exec: stop signals at their defaults. A test run started in
+    the background of a non-interactive shell (nohup, some CI runners) inherits SIGINT
+    ignored, and churn-batch, like Python itself, leaves an ignored signal ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def output(root: Path) -> tuple[str, str]:
