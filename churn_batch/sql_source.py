@@ -225,17 +225,10 @@ class SqlSource:
 
     def read(self, snapshot_date: date) -> Iterator[pa.RecordBatch]:
         columns = self._needed_columns(False)
-        rows = self._rows_of.get(snapshot_date)
-        if (
-            self.engine.dialect.name == "sqlite"
-            and rows is not None
-            and rows < SQLITE_CHILD_MIN_ROWS
-        ):
-            # Starting the reader process costs more than reading so few rows here.
-            return self._rows_stream(
-                self._selectable(snapshot_date, next_day(snapshot_date), columns)
-            )
-        return self._stream(snapshot_date, next_day(snapshot_date), columns, optimistic=True)
+        return self._stream(
+            snapshot_date, next_day(snapshot_date), columns,
+            optimistic=True, rows=self._rows_of.get(snapshot_date),
+        )  # fmt: skip
 
     def read_range(
         self, start: date | None, end: date | None, *, label: bool = True
@@ -282,12 +275,14 @@ class SqlSource:
         columns: Sequence[str] | None,
         *,
         optimistic: bool = False,
+        rows: int | None = None,
     ) -> Iterator[pa.RecordBatch]:
         """The rows in [lo, hi) by the fastest path that reads them as the row path would.
 
         SQLite through ADBC needs each column to hold one storage class. `optimistic`
         (the nightly read, whose caller can start over) skips the full pass that checks
-        it and relies on the guards in `_adbc_sqlite_stream` instead.
+        it and relies on the guards in `_adbc_sqlite_stream` instead. `rows`, when known,
+        keeps a small read in this process: starting the reader costs more than that.
         """
         dialect = self.engine.dialect.name
         if dialect == "postgresql" and _adbc_available("postgresql"):
@@ -296,6 +291,7 @@ class SqlSource:
             dialect == "sqlite"
             and columns is not None
             and not self._portable
+            and (rows is None or rows >= SQLITE_CHILD_MIN_ROWS)
             and _adbc_available("sqlite")
             and (optimistic or self._one_storage_class(lo, hi, columns))
         ):
