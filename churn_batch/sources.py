@@ -9,7 +9,6 @@ them; the contract types them.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -21,8 +20,6 @@ import pyarrow.compute as pc
 from churn_batch.config import ContractConfig, SourceConfig
 from churn_batch.contract import as_strings
 from churn_batch.errors import NoSnapshotRows
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

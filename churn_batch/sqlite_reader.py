@@ -25,7 +25,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -146,7 +146,7 @@ def _number_or_null(kind: pa.DataType) -> bool:
     return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main() -> int:
     faulthandler.enable()
     request = ReadRequest(**json.loads(sys.stdin.buffer.read()))
     out = sys.stdout.buffer
